@@ -1,0 +1,121 @@
+"""Every workaround for a bug or gap in a library we depend on, in one place.
+
+Each one names the upstream issue, is guarded by the versions it applies to, and has a test in
+tests/test_compat.py that fails when the workaround stops working or is no longer needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from importlib.metadata import version
+from typing import Any
+
+from packaging.version import Version
+
+logger = logging.getLogger(__name__)
+
+# huggingface/trl#6294, #6401: in colocate mode TRL 1.16 hands vLLM prompt ids whose image
+# placeholders the HF processor already expanded, and vLLM expands each of them again. Rollouts come
+# from a corrupted prompt (on a 7B-shaped Qwen2.5-VL: importance ratio 0, loss 0, nothing learnt).
+# Fixed upstream after 1.16; re-check when raising the TRL pin.
+TRL_DOUBLE_IMAGE_EXPANSION = (Version("1.0.0"), Version("1.17.0"))
+
+
+def trl_version() -> Version:
+    return Version(version("trl"))
+
+
+def needs_image_pad_collapse(trl: Version | None = None) -> bool:
+    low, high = TRL_DOUBLE_IMAGE_EXPANSION
+    return low <= (trl or trl_version()) < high
+
+
+def collapse_image_pads(token_ids: Sequence[int], image_pad_id: int) -> list[int]:
+    """Shrink each run of image-pad tokens to one placeholder, the form vLLM expects to expand."""
+    collapsed: list[int] = []
+    for token in token_ids:
+        if token == image_pad_id and collapsed and collapsed[-1] == image_pad_id:
+            continue
+        collapsed.append(token)
+    return collapsed
+
+
+class CollapsingLLM:
+    """Wraps TRL's colocated `vllm.LLM`: collapses image placeholders before every generate call."""
+
+    def __init__(self, llm: Any, image_pad_id: int):
+        self._llm = llm
+        self._image_pad_id = image_pad_id
+
+    def generate(self, prompts: Iterable[Any], *args: Any, **kwargs: Any):
+        fixed = []
+        for prompt in prompts:
+            if isinstance(prompt, dict) and "prompt_token_ids" in prompt and prompt.get("multi_modal_data"):
+                prompt = {**prompt, "prompt_token_ids": collapse_image_pads(prompt["prompt_token_ids"],
+                                                                            self._image_pad_id)}
+            fixed.append(prompt)
+        return self._llm.generate(fixed, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+
+def _cpu_sync_weights(generation) -> None:
+    """vLLM's CPU backend repacks linear weights after loading, so TRL's per-tensor `load_weights`
+    fails ('Parameter' object has no attribute 'weight_loader'). Reload the full set through the
+    model runner instead, then drop the prefix and encoder caches that still hold the old weights."""
+    # clone: TRL merges the LoRA adapter while iterating and unmerges in place afterwards
+    weights = [(name, tensor.detach().clone()) for name, tensor in generation._iter_named_params()]
+    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    runner.reload_weights(weights_iterator=weights)
+    generation.llm.reset_prefix_cache()
+    generation.llm.llm_engine.reset_encoder_cache()
+
+
+def patch_vllm_colocate(trainer, on_gpu: bool) -> list[str]:
+    """Apply the colocate-mode fixes to a built GRPOTrainer; returns what was applied (for the log)."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None or generation.mode != "colocate":
+        return []
+    applied = []
+    if needs_image_pad_collapse():
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        generation.llm = CollapsingLLM(generation.llm, image_pad_id)
+        applied.append("collapse image placeholders before vLLM (trl#6294/#6401)")
+    if not on_gpu:
+        generation.sync_weights = lambda: _cpu_sync_weights(generation)
+        applied.append("full weight reload on vLLM's CPU backend")
+    for item in applied:
+        logger.info("workaround: %s", item)
+    return applied
+
+
+def shutdown_vllm(trainer) -> None:
+    """Shut the colocated engine down before interpreter exit.
+
+    Left to the garbage collector, vLLM's teardown at exit aborted the process on the H100
+    (`terminate called without an active exception`, exit 134) after a successful run; DVC then
+    marks the stage failed.
+    """
+    generation = getattr(trainer, "vllm_generation", None)
+    llm = getattr(generation, "llm", None)
+    if llm is None:
+        return
+    llm = getattr(llm, "_llm", llm)
+    try:
+        engine = llm.llm_engine
+        engine_core = getattr(engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+    except Exception as error:  # noqa: BLE001 - best effort at the end of a successful run
+        logger.warning("vLLM shutdown: %s", error)
+    generation.llm = None
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as error:  # noqa: BLE001
+        logger.warning("process group shutdown: %s", error)

@@ -1,0 +1,138 @@
+"""evaluate stage: base model vs base + the run's adapter on the held-out eval split.
+
+Answers are graded by `pipeline.scoring.is_correct`, the function the correctness reward uses, so
+training and evaluation cannot disagree. Writes metrics (a DVC metric: `dvc metrics diff` compares
+runs) and per-example predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.params import Params, load_params_or_exit
+from pipeline.rewards import soft_format_reward_func, strict_format_reward_func
+from pipeline.scoring import extract_answer, is_correct
+
+logger = logging.getLogger("pipeline.evaluate")
+MODELS = ("base", "adapter")
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval for a proportion that stays inside [0, 1] even for small n or p near 0/1."""
+    if total == 0:
+        return (0.0, 0.0)
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def score_rows(rows: Sequence[dict], texts: Sequence[str | None]) -> list[dict]:
+    scored = []
+    for row, text in zip(rows, texts):
+        extracted = extract_answer(text)
+        scored.append({
+            "correct": is_correct(extracted, row),
+            "strict_format": strict_format_reward_func([text or ""])[0] == 1.0,
+            "soft_format": soft_format_reward_func([text or ""])[0] == 1.0,
+            "extracted": extracted,
+        })
+    return scored
+
+
+def summarise(scored: Sequence[dict], generations: Sequence) -> dict:
+    n = len(scored)
+    correct = sum(s["correct"] for s in scored)
+    return {
+        "rows": n,
+        "accuracy": round(correct / n, 4) if n else 0.0,
+        "accuracy_ci95": list(wilson_interval(correct, n)),
+        "strict_format": round(sum(s["strict_format"] for s in scored) / n, 4) if n else 0.0,
+        "soft_format": round(sum(s["soft_format"] for s in scored) / n, 4) if n else 0.0,
+        "extraction_rate": round(sum(s["extracted"] is not None for s in scored) / n, 4) if n else 0.0,
+        "mean_completion_tokens": round(sum(g.num_tokens for g in generations) / n, 2) if n else 0.0,
+        "truncation_rate": round(sum(g.truncated for g in generations) / n, 4) if n else 0.0,
+        "failed_generations": sum(g.text is None for g in generations),
+    }
+
+
+def build_metrics(summaries: dict[str, dict]) -> dict:
+    metrics = dict(summaries)
+    metrics["delta"] = {
+        key: round(summaries["adapter"][key] - summaries["base"][key], 4)
+        for key in ("accuracy", "strict_format", "soft_format", "extraction_rate")
+    }
+    return metrics
+
+
+def evaluate(params: Params) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import PeftModel
+
+    from pipeline import modeling
+    from pipeline.generation import generate_batched
+
+    eval_file = params.output_dir / "data" / "eval.parquet"
+    adapter_dir = params.output_dir / "adapter"
+    if not eval_file.is_file():
+        raise SystemExit(f"evaluate: error: {eval_file} not found; run the prepare stage first")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise SystemExit(f"evaluate: error: no adapter in {adapter_dir}; run the train stage first")
+    dataset = load_dataset("parquet", data_files=str(eval_file), split="train")
+    if params.evaluate.max_rows:
+        dataset = dataset.select(range(min(params.evaluate.max_rows, len(dataset))))
+    if len(dataset) == 0:
+        raise SystemExit(f"evaluate: error: the eval split {eval_file} is empty")
+    rows = [{k: v for k, v in row.items() if k != "image"} for row in dataset]
+    images = dataset["image"]
+    conversations = [row["prompt"] for row in rows]
+
+    processor = modeling.load_processor(params.model.name_or_path, params.model.revision)
+    model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
+                                params.model.attn_implementation)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    options = dict(max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature,
+                   batch_size=params.evaluate.batch_size)
+    generations = {"base": generate_batched(model, processor, conversations, images, desc="eval base", **options)}
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    generations["adapter"] = generate_batched(model, processor, conversations, images, desc="eval adapter",
+                                              **options)
+
+    scored = {name: score_rows(rows, [g.text for g in generations[name]]) for name in MODELS}
+    metrics = build_metrics({name: summarise(scored[name], generations[name]) for name in MODELS})
+    _write_predictions(params.output_dir / "eval" / "predictions.jsonl", rows, generations, scored)
+    return metrics
+
+
+def _write_predictions(path: Path, rows, generations, scored) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i, row in enumerate(rows):
+            record = {"id": row["id"], "question": row["question"], "gold": row["answer"]}
+            for name in MODELS:
+                record[name] = {"prediction": generations[name][i].text, "error": generations[name][i].error,
+                                **scored[name][i]}
+            f.write(json.dumps(record) + "\n")
+
+
+def main() -> None:
+    params = load_params_or_exit()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    metrics = evaluate(params)
+    out = params.output_dir / "eval" / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info("accuracy base %.3f → adapter %.3f; strict format %.3f → %.3f (%d rows) → %s",
+                metrics["base"]["accuracy"], metrics["adapter"]["accuracy"], metrics["base"]["strict_format"],
+                metrics["adapter"]["strict_format"], metrics["base"]["rows"], out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Loading Qwen-VL models, and building the tiny offline ones the demo and tests use.
+
+`load_model_and_processor` is the only loader: it reads the checkpoint's own config to pick the
+model class (Qwen2.5-VL, Qwen3-VL, ...) and uses `from_pretrained` for the 7B model and for the
+tiny one alike. `build_tiny_model` writes a randomly initialised Qwen2.5-VL or Qwen3-VL with the
+real architecture classes, its own byte-level BPE tokenizer with Qwen's special tokens and chat
+template, and a Qwen image processor, so everything runs without the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+# Qwen2-VL's chat template, reduced to what the project sends: text and image parts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_KINDS = ("qwen2_5_vl", "qwen3_vl")
+TINY_VOCAB = 1024
+# Image processor for the tiny models: 8-px patches merged 2×2, so one image token covers 16×16 px.
+TINY_PATCH, TINY_MERGE = 8, 2
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 16 * 16 * 4, 16 * 16 * 64
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The model cannot be loaded here (e.g. Hub weights on a machine without Hub access)."""
+
+
+def _tokenizer_corpus() -> list[str]:
+    from pipeline.synthetic import COLORS, make_rows
+
+    words = (
+        "the a an of in on is are what which how many much sum average tallest bar color image grid number "
+        "numbers answer question hint please provide final end choices reasoning count there so total "
+        "circles squares shapes figure value equals plus minus divided by times first then because"
+    ).split()
+    texts = [row["query"] for row in make_rows(200, seed=12345)]
+    texts += ["<reasoning>", "</reasoning>", "<answer>", "</answer>", " ".join(words), " ".join(COLORS)]
+    texts += [f"{i} {i}.{i % 10} ({chr(65 + i % 4)})" for i in range(200)]
+    return texts
+
+
+def build_tokenizer():
+    """A small byte-level BPE wrapped as Qwen2Tokenizer: same class and special tokens as Qwen's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB - len(SPECIAL_TOKENS) - 8,  # 8 spare ids for the tag tokens below
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    serialised = json.loads(bpe.to_str())["model"]
+    vocab = serialised["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in serialised["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+
+
+def tiny_config(kind: str, tokenizer) -> Any:
+    """Settings that run on vLLM's CPU backend: head_dim 32, mrope sections summing to head_dim/2."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    ids = _token_ids(tokenizer)
+    vocab_size = len(tokenizer)
+    text = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+        bos_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+    )
+    token_ids = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2)
+    if kind == "qwen2_5_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}
+        vision.update(window_size=32, fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
+    elif kind == "qwen3_vl":
+        text.update(head_dim=32)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [4, 6, 6],
+                                   "mrope_interleaved": True}
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+    config.eos_token_id = ids["eos_token_id"]
+    config.pad_token_id = ids["pad_token_id"]
+    return config
+
+
+def build_processor(kind: str, tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
+
+    image_kwargs = dict(patch_size=TINY_PATCH, merge_size=TINY_MERGE, temporal_patch_size=2,
+                        min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    image_processor = Qwen2VLImageProcessor(**image_kwargs)
+    image_processor.size = {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS}
+    if kind == "qwen2_5_vl":
+        video = Qwen2VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE)
+        return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   video_processor=video, chat_template=CHAT_TEMPLATE)
+    video = Qwen3VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE)
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=video, chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny_model(kind: str, out_dir: Path | str, seed: int = 0) -> Path:
+    """Write a tiny random model + processor to `out_dir`; same seed, same weights."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = tiny_config(kind, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    processor = build_processor(kind, tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def is_local_path(name_or_path: str) -> bool:
+    return os.path.isdir(name_or_path)
+
+
+def resolve_dtype(dtype: str):
+    """bf16 on GPUs (CUDA and ROCm alike), fp32 on CPU, unless params say otherwise."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def load_processor(name_or_path: str, revision: str = "main", **kwargs):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name_or_path, revision=revision, **kwargs)
+    except OSError as error:
+        raise ModelNotAvailableError(_not_available(name_or_path, error)) from None
+
+
+def load_model(name_or_path: str, revision: str = "main", dtype: str = "auto",
+               attn_implementation: str = "sdpa"):
+    """The model class comes from the checkpoint's config, so Qwen2.5-VL and Qwen3-VL share this code."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        return AutoModelForImageTextToText.from_pretrained(
+            name_or_path, revision=revision, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+        )
+    except OSError as error:
+        raise ModelNotAvailableError(_not_available(name_or_path, error)) from None
+
+
+def _not_available(name_or_path: str, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"model {name_or_path!r} is not available on this machine ({first_line}). "
+        "Download it first (huggingface-cli download), point model.name_or_path at a local copy, "
+        "or run on the embedded default: `make train PRESET=demo`."
+    )
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Token ids a completion must never contain (they break the next forward pass)."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS]
+    return [i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]

@@ -1,0 +1,289 @@
+"""The one typed, validated view of `params.yaml`.
+
+Every stage calls `load_params()` first and receives a frozen `Params` object; no other module
+reads YAML. Validation imports nothing heavy (no torch, transformers or vLLM), so a typo in
+`params.yaml` fails in well under a second with exit code 2, before any model is loaded and
+before any output is touched.
+
+Run `python -m pipeline.params` (or `make check`) to validate the current file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+OUTPUT_ROOT = Path("outputs")
+EXIT_BAD_PARAMS = 2
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DOTTED_REWARD = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class _Section(BaseModel):
+    # strict: "8" is not 8 and 1.0 is not True; extra keys are typos, not silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelParams(_Section):
+    name_or_path: str = Field(min_length=1)
+    revision: str = "main"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    image_factor: PositiveInt = 28
+    min_pixels: PositiveInt = 3136
+    max_pixels: PositiveInt = 262144
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelParams:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
+        return self
+
+
+class DataParams(_Section):
+    source: str = Field(min_length=1)
+    config: str | None = None
+    split: str = Field(min_length=1)
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    max_rows: PositiveInt | None = None
+    num_proc: PositiveInt = 1
+
+
+class TrainParams(_Section):
+    learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)]
+    max_steps: PositiveInt
+    per_device_train_batch_size: PositiveInt
+    gradient_accumulation_steps: PositiveInt
+    num_generations: Annotated[int, Field(ge=2)]
+    max_completion_length: PositiveInt
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    top_p: Fraction = 1.0
+    beta: Annotated[float, Field(ge=0.0)] = 0.0
+    epsilon: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    gradient_checkpointing: bool = True
+    logging_steps: PositiveInt = 1
+    save_steps: PositiveInt = 25
+    save_total_limit: PositiveInt = 2
+    use_vllm: bool = True
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_gpu_memory_utilization: Fraction = 0.7
+    vllm_enable_sleep_mode: bool = True
+
+    @model_validator(mode="after")
+    def _grpo_batch_divisible(self) -> TrainParams:
+        # TRL groups the completions of one generation batch by prompt; the batch must hold whole groups.
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size × gradient_accumulation_steps = {batch} is not divisible "
+                f"by num_generations = {self.num_generations} (GRPO needs whole groups per batch)"
+            )
+        return self
+
+
+class LoraParams(_Section):
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class EvaluateParams(_Section):
+    max_new_tokens: PositiveInt = 512
+    temperature: Annotated[float, Field(ge=0.0)] = 0.0
+    batch_size: PositiveInt = 8
+    max_rows: PositiveInt | None = None
+
+
+class TrackingParams(_Section):
+    wandb_project: str = Field(default="grpo", min_length=1)
+    # auto: online when WANDB_API_KEY is set, offline otherwise (sync later with `wandb sync`).
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+class PublishParams(_Section):
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None
+    registry_file: str = "registry.json"
+
+    @model_validator(mode="after")
+    def _repo_when_pushing(self) -> PublishParams:
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub is true but hub_repo_id is not set")
+        return self
+
+
+class Params(_Section):
+    run_id: str
+    seed: Annotated[int, Field(ge=0)]
+    model: ModelParams
+    data: DataParams
+    train: TrainParams
+    lora: LoraParams
+    # reward name (from pipeline.rewards.REWARD_FUNCS, or `package.module:function`) → weight
+    rewards: dict[str, float] = Field(min_length=1)
+    evaluate: EvaluateParams
+    tracking: TrackingParams
+    publish: PublishParams
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, run_id: str) -> str:
+        if not _RUN_ID.match(run_id):
+            raise ValueError(
+                f"{run_id!r} must be 1-64 characters of letters, digits, '.', '_' or '-' "
+                "(it names a folder and a W&B run)"
+            )
+        return run_id
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, weights: dict[str, float]) -> dict[str, float]:
+        from pipeline.rewards import REWARD_FUNCS  # pure Python: no torch, safe before validation ends
+
+        for name, weight in weights.items():
+            if name not in REWARD_FUNCS and not _DOTTED_REWARD.match(name):
+                known = ", ".join(sorted(REWARD_FUNCS))
+                raise ValueError(f"unknown reward {name!r}; known: {known}, or 'package.module:function'")
+            if weight != weight or abs(weight) == float("inf"):
+                raise ValueError(f"weight of {name!r} must be a finite number")
+        return weights
+
+    @property
+    def output_dir(self) -> Path:
+        return OUTPUT_ROOT / self.run_id
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file, the key and the reason."""
+
+
+def _format_error(path: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "missing":
+            reason = "missing (required)"
+        elif item["type"] == "extra_forbidden":
+            reason = "unknown key (typo?)"
+        else:
+            reason = item["msg"].removeprefix("Value error, ")
+            if "input" in item and not isinstance(item["input"], dict):
+                reason += f" (got {item['input']!r})"
+        lines.append(f"{path}: {key}: {reason}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: object, path: Path = PARAMS_FILE) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_format_error(path, error)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}".replace("\n", " ")) from None
+    return parse_params(raw, path)
+
+
+def load_params_or_exit(path: Path | str = PARAMS_FILE) -> Params:
+    """Entry points call this first: a bad file ends the process with code 2 before any heavy work."""
+    try:
+        return load_params(path)
+    except ParamsError as error:
+        print(f"error: invalid parameters\n{error}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_PARAMS) from None
+
+
+def read_overrides(preset: Path | str | None, sets: list[str]) -> dict[str, object]:
+    """Flat `section.key: value` overrides: a preset file first, then `key=value` strings (YAML values)."""
+    overrides: dict[str, object] = {}
+    if preset:
+        preset = Path(preset)
+        try:
+            loaded = yaml.safe_load(preset.read_text()) or {}
+        except FileNotFoundError:
+            raise ParamsError(f"{preset}: preset file not found") from None
+        if not isinstance(loaded, dict):
+            raise ParamsError(f"{preset}: expected a mapping of dotted keys to values")
+        overrides.update(loaded)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set {item!r}: expected key=value")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def apply_overrides(raw: dict, overrides: dict[str, object], source: str = "overrides") -> dict:
+    merged = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"{source}: {key}: no section {part!r} in params.yaml")
+            node = node[part]
+        if leaf not in node:
+            raise ParamsError(f"{source}: {key}: unknown key (not in params.yaml)")
+        node[leaf] = value
+    return merged
+
+
+def dvc_set_args(overrides: dict[str, object]) -> list[str]:
+    """`dvc exp run -S` arguments; JSON renders every value in a form DVC's override grammar reads."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.params",
+                                     description="Validate params.yaml, optionally with a preset and overrides.")
+    parser.add_argument("file", nargs="?", default=str(PARAMS_FILE))
+    parser.add_argument("--preset", help="YAML file of dotted-key overrides, e.g. presets/demo.yaml")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--dvc-args", action="store_true",
+                        help="print the overrides as `-S key=value` arguments for `dvc exp run`")
+    args = parser.parse_args(argv)
+    path = Path(args.file)
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.exists() else None
+        if raw is None:
+            raise ParamsError(f"{path}: file not found or empty")
+        overrides = read_overrides(args.preset, args.sets)
+        params = parse_params(apply_overrides(raw, overrides, args.preset or "--set"), path)
+    except (ParamsError, yaml.YAMLError) as error:
+        print(f"error: invalid parameters\n{error}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_PARAMS) from None
+    if args.dvc_args:
+        print(" ".join(shlex.quote(f"-S={arg}") for arg in dvc_set_args(overrides)))
+    else:
+        print(f"{path}: ok (run_id={params.run_id}, model={params.model.name_or_path}, data={params.data.source})",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""train stage: GRPO with a LoRA adapter through TRL's GRPOTrainer.
+
+`build_grpo_config` and `build_lora_config` are the one place where params become library
+configuration. Rollouts come from vLLM (colocate or server) when it is installed, else from
+transformers `generate`; library workarounds live in pipeline/compat.py. The stage resumes from
+the last complete checkpoint under outputs/<run_id>/checkpoints after a crash.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.params import Params, load_params_or_exit
+
+logger = logging.getLogger("pipeline.train")
+
+# LoRA on the language model only: `gate_proj`/`up_proj`/`down_proj` also name the vision tower's
+# MLP, so a plain module list would train the vision tower too.
+LANGUAGE_MODEL_PATTERN = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.({modules})"
+
+
+def lora_target_regex(modules: list[str]) -> str:
+    return LANGUAGE_MODEL_PATTERN.format(modules="|".join(re.escape(m) for m in modules))
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()  # true on ROCm builds too
+
+
+def run_dirs(params: Params) -> dict[str, Path]:
+    root = params.output_dir
+    return {
+        "data": root / "data",
+        "checkpoints": root / "checkpoints",
+        "adapter": root / "adapter",
+        "live": root / "train_logs",
+        "wandb": root,
+    }
+
+
+def configure_tracking(params: Params) -> list[str]:
+    """W&B offline without an API key (sync later with `wandb sync`), never a login prompt."""
+    mode = params.tracking.wandb_mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode == "disabled":
+        return []
+    os.environ["WANDB_MODE"] = mode
+    os.environ["WANDB_PROJECT"] = params.tracking.wandb_project
+    os.environ.setdefault("WANDB_DIR", str(params.output_dir))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return ["wandb"]
+
+
+def build_lora_config(params: Params):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=lora_target_regex(params.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: list[str],
+                      reward_weights: list[float], vision_token_ids: list[int]):
+    """Every TRL default that changed between releases is stated here explicitly."""
+    from trl import GRPOConfig
+
+    train = params.train
+    dirs = run_dirs(params)
+    sleep = train.vllm_enable_sleep_mode and gpu
+    generation_kwargs = {}
+    if use_vllm and vision_token_ids:
+        # a sampled vision token breaks the next forward pass; TRL suppresses them for transformers only
+        generation_kwargs["logit_bias"] = {token: -100.0 for token in vision_token_ids}
+    return GRPOConfig(
+        output_dir=str(dirs["checkpoints"]),
+        run_name=params.run_id,
+        seed=params.seed,
+        data_seed=params.seed,
+        learning_rate=train.learning_rate,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        num_generations=train.num_generations,
+        max_completion_length=train.max_completion_length,
+        temperature=train.temperature,
+        top_p=train.top_p,
+        beta=train.beta,
+        epsilon=train.epsilon,
+        loss_type=train.loss_type,
+        scale_rewards=train.scale_rewards,
+        reward_weights=reward_weights,
+        gradient_checkpointing=train.gradient_checkpointing,
+        bf16=gpu,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        report_to=report_to,
+        use_vllm=use_vllm,
+        vllm_mode=train.vllm_mode,
+        vllm_gpu_memory_utilization=train.vllm_gpu_memory_utilization,
+        vllm_enable_sleep_mode=sleep,
+        generation_kwargs=generation_kwargs or None,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest checkpoint that finished writing: a crash mid-save leaves no trainer_state.json."""
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = []
+    for path in checkpoint_dir.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            candidates.append((int(step), path))
+    return str(max(candidates)[1]) if candidates else None
+
+
+def _cpu_vllm_environment(run_root: Path) -> None:
+    """vLLM's CPU backend: a KV cache size of its own (the default fraction counts the trainer's
+    memory and fails), in-process engine (start 1 s, not 12 s), caches inside the workspace."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cache = Path(".cache").resolve()
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(cache / "vllm-rpc"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    Path(os.environ["VLLM_RPC_BASE_PATH"]).mkdir(parents=True, exist_ok=True)
+
+
+def train(params: Params) -> Path:
+    from datasets import load_dataset
+    from dvclive import Live
+    from dvclive.huggingface import DVCLiveCallback
+    from trl import GRPOTrainer
+
+    from pipeline import compat, modeling
+    from pipeline.rewards import resolve_rewards
+
+    dirs = run_dirs(params)
+    train_file = dirs["data"] / "train.parquet"
+    if not train_file.is_file():
+        raise SystemExit(f"train: error: {train_file} not found; run the prepare stage first (dvc repro prepare)")
+
+    gpu = on_gpu()
+    use_vllm = params.train.use_vllm and vllm_installed()
+    if params.train.use_vllm and not use_vllm:
+        logger.warning("vLLM is not installed: rollouts use transformers generate (slower)")
+    if use_vllm and not gpu:
+        _cpu_vllm_environment(params.output_dir)
+        if params.train.vllm_enable_sleep_mode:
+            logger.info("vLLM sleep mode is a GPU feature: running without it on this CPU machine")
+
+    reward_funcs, reward_weights = resolve_rewards(params.rewards)
+    processor = modeling.load_processor(params.model.name_or_path, params.model.revision)
+    model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
+                                params.model.attn_implementation)
+    dataset = load_dataset("parquet", data_files=str(train_file), split="train")
+
+    report_to = configure_tracking(params)
+    config = build_grpo_config(params, gpu=gpu, use_vllm=use_vllm, report_to=report_to,
+                               reward_weights=reward_weights,
+                               vision_token_ids=modeling.vision_token_ids(processor.tokenizer))
+    live = Live(dir=str(dirs["live"]), dvcyaml=False, save_dvc_exp=False, report=None,
+                resume=last_complete_checkpoint(dirs["checkpoints"]) is not None)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=build_lora_config(params),
+        callbacks=[DVCLiveCallback(live=live, log_model=None)],
+    )
+    compat.patch_vllm_colocate(trainer, on_gpu=gpu)
+
+    resume = last_complete_checkpoint(dirs["checkpoints"])
+    if resume:
+        logger.info("resuming from %s", resume)
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        _save_adapter(trainer, processor, dirs["adapter"])
+    finally:
+        compat.shutdown_vllm(trainer)
+        live.end()
+    logger.info("trained %d steps in %.1f s; adapter in %s", trainer.state.global_step,
+                time.perf_counter() - started, dirs["adapter"])
+    return dirs["adapter"]
+
+
+def _save_adapter(trainer, processor, adapter_dir: Path) -> None:
+    """Write to a temporary folder and rename, so a crash never leaves a half adapter behind."""
+    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "training_summary.json").write_text(json.dumps({
+        "global_step": trainer.state.global_step,
+        "log_history": trainer.state.log_history[-1:] if trainer.state.log_history else [],
+    }, indent=2) + "\n")
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(tmp, adapter_dir)
+
+
+def main() -> None:
+    params = load_params_or_exit()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from pipeline.modeling import ModelNotAvailableError
+
+    try:
+        train(params)
+    except ModelNotAvailableError as error:
+        raise SystemExit(f"train: error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
