@@ -33,26 +33,23 @@ check: setup  ## validate params.yaml (with PRESET=… and RUN_ID=… applied) i
 embedded: setup  ## build the tiny models and the synthetic dataset under assets/embedded
 	@$(PYTHON) -m pipeline.embedded
 
-# One run = one DVC experiment named after its run id; params.yaml's committed values plus the
-# preset's overrides (-S). DVC skips every stage whose inputs did not change.
-define dvc_run
-	@args=$$($(PYTHON) -m pipeline.params --dvc-args $(if $(1),--preset presets/$(1).yaml) --set run_id=$(2)) || exit $$?; \
-	eval "dvc exp run --force --name $(2) $$args $(3)"
-endef
+# One run = one DVC experiment named after its run id: the committed params.yaml plus the
+# preset's overrides (dvc exp run -S). DVC skips every stage whose inputs did not change.
+RUN = $(PYTHON) -m pipeline.experiments
 
 demo: embedded  ## run the whole pipeline on the embedded default (CPU, no Hub)
-	$(call dvc_run,demo,demo,)
+	@$(RUN) --run-id demo --preset demo
 	@$(PYTHON) -m pipeline.summary demo
 
 train: setup  ## make train RUN_ID=v1 [PRESET=demo]: reproduce the train stage (and what it needs)
 	@test -n "$(RUN_ID)" || { echo "usage: make train RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
 	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
-	$(call dvc_run,$(PRESET),$(RUN_ID),train)
+	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) train
 
 repro: setup  ## make repro RUN_ID=v1 [PRESET=demo]: all four stages for a run
 	@test -n "$(RUN_ID)" || { echo "usage: make repro RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
 	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
-	$(call dvc_run,$(PRESET),$(RUN_ID),)
+	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET))
 
 compare: setup  ## compare the metrics and params of every run (DVC experiments)
 	@dvc exp show --no-pager --only-changed --drop 'Created|State|Executor' 2>/dev/null || dvc exp show --no-pager

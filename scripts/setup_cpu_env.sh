@@ -18,8 +18,6 @@ echo "setup: installing requirements/cpu.txt into $VENV (first time: a few minut
 # pip's warnings about this machine's local wheel index are noise; real errors still fail the script.
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements/cpu.txt 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
-"$VENV/bin/python" -m pip check >/dev/null 2>&1 || true
-"$VENV/bin/python" -c "import vllm, trl, peft, dvc" 2>/dev/null || { echo "setup: install failed" >&2; exit 1; }
 
 # CPU fix-up 1: torchaudio/torchcodec from PyPI are CUDA-linked; transformers imports torchaudio
 # when present and every processor import then fails; vLLM fails to start on torchcodec.
@@ -32,8 +30,8 @@ echo "setup: installing requirements/cpu.txt into $VENV (first time: a few minut
 site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cp scripts/cpu_torchvision_fix.py "$site/_grpo_cpu_torchvision_fix.py"
 echo "import _grpo_cpu_torchvision_fix" > "$site/_grpo_cpu_torchvision_fix.pth"
-"$VENV/bin/python" -c "import torchvision, transformers.models.qwen2_vl" \
-  || { echo "setup: torchvision still fails to import" >&2; exit 1; }
+"$VENV/bin/python" -c "import torchvision, transformers.models.qwen2_vl, vllm, trl, peft, dvc" \
+  || { echo "setup: the environment does not import; see the error above" >&2; exit 1; }
 
 echo "$want" > "$STAMP"
 echo "setup: done ($VENV)"
