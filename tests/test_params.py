@@ -1,0 +1,126 @@
+"""The parameter schema: the shipped file validates, malformed files fail fast with the key named."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import EXIT_BAD_PARAMS, ParamsError, apply_overrides, load_params, parse_params, read_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _committed_params_text() -> str:
+    """The committed file: after `make demo` the working copy holds the demo run's values (DVC experiments)."""
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], capture_output=True, text=True, cwd=REPO)
+    return shown.stdout if shown.returncode == 0 else (REPO / "params.yaml").read_text()
+
+
+SHIPPED_TEXT = _committed_params_text()
+SHIPPED = yaml.safe_load(SHIPPED_TEXT)
+
+
+def test_shipped_params_are_the_real_experiment(tmp_path):
+    (tmp_path / "params.yaml").write_text(SHIPPED_TEXT)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.model.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert (params.data.source, params.data.split) == ("AI4Math/MathVista", "testmini")
+    assert params.train.learning_rate == 5.0e-6 and params.train.max_steps == 100
+    assert params.train.per_device_train_batch_size == 8 and params.train.gradient_accumulation_steps == 2
+    assert params.train.num_generations == 8 and params.train.max_completion_length == 512
+    assert params.train.use_vllm and params.train.vllm_mode == "colocate"
+    assert params.train.vllm_gpu_memory_utilization == 0.7 and params.train.vllm_enable_sleep_mode
+    assert params.tracking.wandb_project == "grpo"
+    assert str(params.output_dir) == f"outputs/{params.run_id}"
+
+
+def test_demo_preset_validates_over_shipped_params():
+    overrides = read_overrides(REPO / "presets" / "demo.yaml", ["run_id=demo"])
+    params = parse_params(apply_overrides(SHIPPED, overrides))
+    assert params.run_id == "demo" and params.model.name_or_path.startswith("assets/embedded/")
+
+
+def _set(raw: dict, dotted: str, value) -> dict:
+    raw = copy.deepcopy(raw)
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    if value is _DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return raw
+
+
+_DELETE = object()
+
+MALFORMED = [
+    # (key to change, new value, key the message must name, a word of the reason)
+    ("train.num_generations", 1, "train.num_generations", "greater than or equal to 2"),
+    ("train.per_device_train_batch_size", 3, "train", "divisible"),
+    ("train.learning_rate", -1, "train.learning_rate", "greater than 0"),
+    ("train.vllm_gpu_memory_utilization", 1.5, "train.vllm_gpu_memory_utilization", "less than or equal to 1"),
+    ("train", _DELETE, "train", "missing"),
+    ("train.max_steps", "100", "train.max_steps", "integer"),
+    ("train.use_vllm", "yes", "train.use_vllm", "boolean"),
+    ("train.vllm_mode", "remote", "train.vllm_mode", "colocate"),
+    ("train.learning_rte", 1e-5, "train.learning_rte", "unknown key"),
+    ("lora.r", 0, "lora.r", "greater than 0"),
+    ("rewards.not_a_reward", 1.0, "rewards", "unknown reward"),
+    ("run_id", "../escape", "run_id", "letters, digits"),
+    ("data.eval_fraction", 1.0, "data.eval_fraction", "less than 1"),
+    ("model.min_pixels", 10**9, "model", "exceeds max_pixels"),
+    ("publish.push_to_hub", True, "publish", "hub_repo_id"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "named", "reason"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_params_name_the_key(key, value, named, reason):
+    with pytest.raises(ParamsError) as error:
+        parse_params(_set(SHIPPED, key, value))
+    message = str(error.value)
+    assert f": {named}" in message and reason in message, message
+
+
+@pytest.mark.parametrize(("key", "value", "named", "reason"), MALFORMED[:10], ids=[m[0] for m in MALFORMED[:10]])
+def test_cli_exits_2_with_one_line_per_problem_and_no_heavy_import(tmp_path, key, value, named, reason):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_set(SHIPPED, key, value)))
+    probe = ("import sys\nfrom pipeline.params import main\n"
+             "try: main([%r])\n"
+             "finally: print('HEAVY' if {'torch','transformers','vllm'} & set(sys.modules) else 'LIGHT')") % str(bad)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == EXIT_BAD_PARAMS, result.stderr
+    assert f": {named}" in result.stderr and reason in result.stderr
+    assert result.stdout.strip() == "LIGHT"
+    assert list(tmp_path.iterdir()) == [bad]  # touched nothing
+
+
+def test_stage_entry_points_validate_before_anything_else(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_set(SHIPPED, "train.num_generations", 1)))
+    for stage in ("prepare", "train", "evaluate", "publish"):
+        result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], capture_output=True, text=True,
+                                cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+        assert result.returncode == EXIT_BAD_PARAMS, (stage, result.stderr)
+        assert "train.num_generations" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    broken = tmp_path / "params.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_override_of_unknown_key_is_rejected():
+    with pytest.raises(ParamsError, match="unknown key"):
+        apply_overrides(SHIPPED, {"train.lr": 1e-3})
