@@ -53,7 +53,7 @@ def warm_up(model, processor, seed: int, steps: int = WARMUP_STEPS) -> list[floa
     tokenizer = processor.tokenizer
     model.train()
     losses = []
-    for step in range(steps):
+    for _step in range(steps):
         batch = [rows[rng.randrange(len(rows))] for _ in range(WARMUP_BATCH)]
         prompt_texts, full_texts, images = [], [], []
         for row in batch:

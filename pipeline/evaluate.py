@@ -34,7 +34,7 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
 
 def score_rows(rows: Sequence[dict], texts: Sequence[str | None]) -> list[dict]:
     scored = []
-    for row, text in zip(rows, texts):
+    for row, text in zip(rows, texts, strict=False):
         extracted = extract_answer(text)
         scored.append({
             "correct": is_correct(extracted, row),

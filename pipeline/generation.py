@@ -71,7 +71,7 @@ def generate_batched(model, processor, conversations: Sequence[list[dict]], imag
                 results += _generate(model, processor, chunk_texts, chunk_images, max_new_tokens, temperature)
             except Exception as batch_error:  # noqa: BLE001 - isolate the bad row(s)
                 logger.warning("%s: batch at row %d failed (%s); retrying row by row", desc, start, batch_error)
-                for text, image in zip(chunk_texts, chunk_images):
+                for text, image in zip(chunk_texts, chunk_images, strict=False):
                     try:
                         results += _generate(model, processor, [text], [image], max_new_tokens, temperature)
                     except Exception as row_error:  # noqa: BLE001

@@ -101,9 +101,10 @@ def tiny_config(kind: str, tokenizer) -> Any:
     text = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-        bos_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+        bos_token_id=None, eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
     )
-    token_ids = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    token_ids = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                     "vision_end_token_id")}
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2)
     if kind == "qwen2_5_vl":

@@ -185,7 +185,7 @@ def prepare(params: Params, out_dir: Path) -> dict:
     )
     dropped = Counter(reason for reason in processed["drop_reason"] if reason)
     examples: dict[str, list[str]] = {}
-    for reason, example_id in zip(processed["drop_reason"], processed["id"]):
+    for reason, example_id in zip(processed["drop_reason"], processed["id"], strict=False):
         if reason and len(examples.setdefault(reason, [])) < REPORT_EXAMPLES:
             examples[reason].append(example_id)
     kept = processed.filter(lambda reason: reason is None, input_columns="drop_reason")
@@ -202,7 +202,8 @@ def prepare(params: Params, out_dir: Path) -> dict:
     for split in ("train", "eval"):
         subset = kept.select([i for i, s in enumerate(splits) if s == split])
         if len(subset) == 0:
-            raise PrepareError(f"the {split} split is empty: {len(kept)} rows, eval_fraction={params.data.eval_fraction}")
+            raise PrepareError(f"the {split} split is empty: {len(kept)} rows, "
+                               f"eval_fraction={params.data.eval_fraction}")
         tmp = out_dir / f".{split}.parquet.tmp"
         subset.to_parquet(str(tmp))
         os.replace(tmp, out_dir / f"{split}.parquet")

@@ -64,7 +64,7 @@ def registry_fields(params: Params) -> dict:
         "params_digest": params_digest(params),
         "metrics": {name: {k: metrics[name][k] for k in ("accuracy", "strict_format", "rows")}
                     for name in ("base", "adapter")} if metrics else None,
-        "registered_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "registered_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     }
 
 

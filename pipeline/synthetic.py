@@ -73,7 +73,7 @@ def _tallest_bar(rng: random.Random) -> dict:
     names = rng.sample(list(COLORS), k=3)
     heights = rng.sample(range(8, height - 8), k=3)
     bar_width = (width - 16) // 3
-    for i, (name, bar_height) in enumerate(zip(names, heights)):
+    for i, (name, bar_height) in enumerate(zip(names, heights, strict=False)):
         x = 4 + i * (bar_width + 4)
         draw.rectangle((x, height - 4 - bar_height, x + bar_width, height - 4), fill=COLORS[name])
     tallest = names[heights.index(max(heights))]

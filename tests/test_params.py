@@ -93,8 +93,8 @@ def test_cli_exits_2_with_one_line_per_problem_and_no_heavy_import(tmp_path, key
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(_set(SHIPPED, key, value)))
     probe = ("import sys\nfrom pipeline.params import main\n"
-             "try: main([%r])\n"
-             "finally: print('HEAVY' if {'torch','transformers','vllm'} & set(sys.modules) else 'LIGHT')") % str(bad)
+             f"try: main([{str(bad)!r}])\n"
+             "finally: print('HEAVY' if {'torch','transformers','vllm'} & set(sys.modules) else 'LIGHT')")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == EXIT_BAD_PARAMS, result.stderr
     assert f": {named}" in result.stderr and reason in result.stderr

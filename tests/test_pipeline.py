@@ -85,9 +85,15 @@ def test_two_run_ids_keep_separate_outputs_and_compare(clone, demo_run, tmp_path
     demo = yaml.safe_load((clone / "presets" / "demo.yaml").read_text())
     fast.write_text(yaml.safe_dump({**demo, "train.use_vllm": False, "train.max_steps": 4}))
     _start(clone, "t2", str(fast))
-    assert (clone / "outputs" / "t1" / "adapter").is_dir() and (clone / "outputs" / "t2" / "adapter").is_dir()
+    assert (clone / "outputs" / "t2" / "adapter" / "adapter_config.json").is_file()
+    registry = json.loads((clone / "registry.json").read_text())
+    assert {"t1", "t2"} <= set(registry["runs"])
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], clone).stdout)
     names = {exp.get("name") for baseline in shown for exp in (baseline.get("experiments") or [])}
     assert {"t1", "t2"} <= names
     diff = _run(["dvc", "exp", "diff", "t1", "t2", "--json"], clone)
     assert "train.max_steps" in diff.stdout
+    # the working copy shows the last run; any other run's outputs come back from the DVC cache
+    _run(["dvc", "exp", "apply", "t1"], clone)
+    assert (clone / "outputs" / "t1" / "adapter" / "adapter_config.json").is_file()
+    assert yaml.safe_load((clone / "params.yaml").read_text())["run_id"] == "t1"
