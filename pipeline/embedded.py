@@ -30,7 +30,7 @@ WARMUP_SEED = 777  # rows the warm-up sees are generated apart from the dataset'
 WARMUP_STEPS = 120
 WARMUP_BATCH = 8
 WARMUP_LR = 3e-3
-FORMATTED_SHARE = 0.5  # share of warm-up targets that follow the reasoning/answer format
+FORMATTED_SHARE = 0.3  # share of warm-up targets that follow the reasoning/answer format
 
 
 def warmup_target(row: dict, rng: random.Random) -> str:
