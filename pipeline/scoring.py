@@ -3,105 +3,417 @@
 `is_correct(prediction, row)` grades the text inside `<answer>…</answer>` against a row in
 MathVista's schema (answer, choices, question_type, answer_type, precision, unit). It follows
 MathVista's rules where they are sound and is stricter where they would pay a policy for nothing:
-MathVista maps any unmatched text to the nearest option by edit distance; here an answer that is
-empty, garbage or names several options is wrong. Pure Python, never raises, no heavy imports.
+MathVista maps any unmatched text to the nearest option by edit distance, and truncates "5.9" to
+the integer 5; here an answer that is empty, garbage, names several options or is a different
+number is wrong. Every rule and every deliberate difference is listed, with examples the tests
+check, in docs/reward_logic.md.
+
+The common answers (letters, option text, plain numbers with units, commas, %, `\\boxed{}`,
+`\\frac{a}{b}`) are graded by compiled patterns in pure Python. Only a short LaTeX expression the
+patterns cannot read (`\\sqrt{3}`, `2\\pi`, `1.5 \\times 10^{3}`) goes to math-verify, imported on
+first need and guarded so that it stays bounded; without math-verify such an answer is ungraded
+(wrong). Nothing here raises: a reward that crashes would stop a training run for one odd sample.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+import unicodedata
+from collections.abc import Mapping
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 MAX_ANSWER_CHARS = 1000  # longer "answers" are listings, not answers; bounds the work per completion
+MAX_PRECISION = 12  # MathVista's precisions are 1-3; more digits than this is a data error
+_MAX_EXPONENT = 100  # |value| beyond 1e100 or below 1e-100 is not an answer anyone asked for
+# enough digits to round any accepted value (up to 1e100) to MAX_PRECISION places exactly
+_ROUNDING = Context(prec=_MAX_EXPONENT + MAX_PRECISION + 10)
 
-_LETTER_RE = re.compile(r"^\(?([A-Z])[).:]?$")
-_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
-_FRAC_RE = re.compile(r"^\\d?frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}$")
-_NUMBER_RE = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
-_TRAILING_PUNCT = ".,;:!?"
+# ---------------------------------------------------------------------------------------------
+# completions and the answer block
+# ---------------------------------------------------------------------------------------------
+_OPEN, _CLOSE = "<answer>", "</answer>"
 
 
 def completion_text(completion: Any) -> str:
     """TRL passes conversational completions as `[{"role": "assistant", "content": ...}]`."""
-    if completion is None:
-        return ""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], Mapping):
-        content = completion[-1].get("content")
+    try:
+        if completion is None:
+            return ""
+        if isinstance(completion, str):
+            return completion
+        if isinstance(completion, Mapping):
+            message = completion
+        elif isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], Mapping):
+            message = completion[-1]
+        else:
+            return ""
+        content = message.get("content")
         if isinstance(content, list):  # multimodal content parts
-            return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+            return "".join(part.get("text") or "" for part in content
+                           if isinstance(part, Mapping) and isinstance(part.get("text"), str))
         return content if isinstance(content, str) else ""
-    return ""
+    except Exception:  # noqa: BLE001 - a malformed message is an empty completion, not a crash
+        return ""
 
 
 def extract_answer(text: str | None) -> str | None:
-    """The stripped text of the last `<answer>` block, or None when there is none."""
-    if not text:
+    """The stripped text of the last complete `<answer>…</answer>` block, or None when there is none.
+
+    The last block counts (a model that revises itself ends with its final answer); the search is
+    two `rfind`s, so it is linear whatever tags the text nests or leaves open.
+    """
+    if not text or not isinstance(text, str):
         return None
-    matches = ANSWER_RE.findall(text)
-    return matches[-1].strip() if matches else None
+    end = text.rfind(_CLOSE)
+    if end < 0:
+        return None
+    start = text.rfind(_OPEN, 0, end)
+    if start < 0:
+        return None
+    return text[start + len(_OPEN):end].strip()
 
 
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+# ---------------------------------------------------------------------------------------------
+# normalisation: LaTeX wrappers, unicode, markdown
+# ---------------------------------------------------------------------------------------------
+_UNICODE = str.maketrans({
+    "\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": r"\times ", "\u00b7": r"\cdot ", "\u00f7": r"\div ",
+    "\u00b2": "^2", "\u00b3": "^3", "\u221a": r"\sqrt ", "\u03c0": r"\pi ", "\uff0c": ",", "\u3002": ".",
+    "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00a0": " ", "\u2009": " ", "\u202f": " ",
+})
+_DELIMITERS = (("$$", "$$"), ("$", "$"), (r"\(", r"\)"), (r"\[", r"\]"), ("**", "**"), ("`", "`"),
+               ('"', '"'), ("'", "'"))
+_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_DEGREE_RE = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree)")
+_SPACING_RE = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~")
+# "Answer: 5", "The final answer is 5", "Option B": a label, not part of the answer
+_ANSWER_PREFIX_RE = re.compile(
+    r"^(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is\b\s*:?|:)|(?:option|choice)\b(?=\s*\(?[A-Za-z]\)?$))\s*", re.I)
+_TRAILING_PUNCT = ".,;:!?。"
+_WRAP_FIRST = frozenset(left[0] for left, _ in _DELIMITERS)
+_PREFIX_FIRST = frozenset("AaTtFfOoCc")
 
 
-def _normalise_text(text: str, unit: str | None = None) -> str:
-    text = _BOXED_RE.sub(r"\1", text).strip().strip("$").strip()
-    text = text.rstrip(_TRAILING_PUNCT).strip()
-    if unit and text.lower().endswith(unit.lower()):
-        text = text[: -len(unit)].strip()
-    return " ".join(text.lower().split())
+def _unwrap_boxed(text: str) -> str:
+    """The content of the one `\\boxed{…}` (nested braces allowed); several boxes stay as they are."""
+    start = text.find("\\boxed")
+    if start < 0 or text.find("\\boxed", start + 1) >= 0:
+        return text
+    brace = text.find("{", start)
+    if brace < 0 or text[start + len("\\boxed"):brace].strip():
+        return text
+    depth = 0
+    for index in range(brace, len(text)):
+        char = text[index]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1:index]
+    return text  # unbalanced: leave it to fail parsing
 
 
-def parse_number(text: str, unit: str | None = None) -> float | None:
-    """A number written with units, thousands commas, %, `\\boxed{}` or `\\frac{a}{b}`; None otherwise."""
-    text = _normalise_text(text, unit)
-    text = text.replace(",", "").replace("%", "").strip()
-    # a trailing unit word (e.g. "5 cm") when the row names no unit
-    parts = text.split()
-    if len(parts) == 2 and _NUMBER_RE.match(parts[0]) and parts[1].isalpha():
-        text = parts[0]
-    if _NUMBER_RE.match(text):
-        value = float(text)
-        return value if math.isfinite(value) else None
-    frac = _FRAC_RE.match(text.replace(" ", ""))
-    if frac and float(frac.group(2)) != 0:
-        return float(frac.group(1)) / float(frac.group(2))
-    return None
+@lru_cache(maxsize=16384)
+def clean_answer(text: str) -> str:
+    """Strip what carries no answer: math delimiters, `\\boxed`, `\\text`, markdown, an "Answer:" prefix,
+    trailing punctuation; collapse runs of space. Case is left for the caller.
+
+    Cached: a GRPO group repeats answers and every option text is cleaned once per completion."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text.translate(_UNICODE))
+    text = text.strip()
+    for _ in range(3):  # "$\boxed{5}$." peels in a few rounds; bounded so it never loops
+        before = text
+        text = text.rstrip(_TRAILING_PUNCT).strip()
+        if text[:1] in _WRAP_FIRST:
+            for left, right in _DELIMITERS:
+                if len(text) > len(left) + len(right) - 1 and text.startswith(left) and text.endswith(right):
+                    text = text[len(left):len(text) - len(right)].strip()
+        if "\\boxed" in text:
+            text = _unwrap_boxed(text).strip()
+        if text[:1] in _PREFIX_FIRST:
+            text = _ANSWER_PREFIX_RE.sub("", text, count=1)
+        if text == before:
+            break
+    if "\\" in text or "~" in text:
+        text = _TEXT_CMD_RE.sub(r"\1", text)
+        text = _DEGREE_RE.sub("°", text)
+        text = _SPACING_RE.sub("", text)
+        text = text.replace("\\%", "%").replace("\\$", "$").replace("\\left", "").replace("\\right", "")
+    return " ".join(text.rstrip(_TRAILING_PUNCT).split())
+
+
+def normalise_text(text: str) -> str:
+    """Case-, space- and punctuation-insensitive form for text answers and option texts."""
+    return " ".join(clean_answer(text).lower().split())
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers
+# ---------------------------------------------------------------------------------------------
+_NUMBER = r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?"
+_SIGNED = rf"[-+]?\s*{_NUMBER}"
+_UNIT_WORD = r"(?:[A-Za-z°µμΩ'\"]+(?:\^\{?-?\d\}?)?\.?)"
+# a number, then an optional %, then at most three unit words ("5 cm", "12 cm^2", "3 m/s", "30°")
+_NUMBER_RE = re.compile(
+    rf"^(?P<sign>[-+]?)\s*[$£€¥]?\s*(?P<num>{_NUMBER})\s*(?P<pct>%?)\s*"
+    rf"(?P<unit>{_UNIT_WORD}(?:\s*[/ ]\s*{_UNIT_WORD}){{0,2}})?$")
+_FRACTION_RE = re.compile(
+    rf"^(?P<sign>[-+]?)\s*(?:\\[dt]?frac\s*\{{\s*(?P<a>{_SIGNED})\s*\}}\s*\{{\s*(?P<b>{_SIGNED})\s*\}}"
+    rf"|(?P<c>{_SIGNED})\s*/\s*(?P<d>{_SIGNED}))\s*(?P<unit>{_UNIT_WORD}(?:\s*[/ ]\s*{_UNIT_WORD}){{0,2}})?$")
+_UNIT_ALIASES = {"°": "degree", "deg": "degree", "degs": "degree", "degrees": "degree", "percent": "%"}
+
+
+def _unit_key(unit: str) -> str:
+    key = re.sub(r"[\s{}.\\]", "", unit.translate(_UNICODE).lower()).replace("^circ", "°")
+    key = _UNIT_ALIASES.get(key, key)
+    return key[:-1] if len(key) > 3 and key.endswith("s") and not key.endswith("ss") else key
+
+
+def _decimal(text: str) -> Decimal | None:
+    try:
+        value = Decimal(text.replace(",", "").replace(" ", ""))
+    except (InvalidOperation, ValueError):
+        return None
+    if not value.is_finite() or (value and abs(value.adjusted()) > _MAX_EXPONENT):
+        return None
+    return value
+
+
+def _unit_ok(found: str | None, unit: str | None) -> bool:
+    """A unit the answer writes must be the row's (the prompt asks for that unit); any unit if the row has none."""
+    if not found or not unit:
+        return True
+    return _unit_key(found) == _unit_key(unit)
+
+
+def parse_number(text: str, unit: str | None = None) -> Decimal | None:
+    """The one number an answer states, or None when it states none or several.
+
+    Accepts units, thousands commas, %, `\\boxed{}`, `\\frac{a}{b}`, `a/b` and (through math-verify) a
+    short numeric LaTeX expression. Exact `Decimal`, so "12345678901234567891" is not "…890".
+    """
+    if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
+        return None
+    cleaned = clean_answer(text)
+    if not cleaned:
+        return None
+    match = _NUMBER_RE.match(cleaned)
+    if match:
+        if not _unit_ok(match.group("unit") or match.group("pct"), unit):
+            return None
+        value = _decimal(match.group("num"))
+        return None if value is None else (-value if match.group("sign") == "-" else value)
+    match = _FRACTION_RE.match(cleaned)
+    if match:
+        if not _unit_ok(match.group("unit"), unit):
+            return None
+        numerator = _decimal(match.group("a") or match.group("c"))
+        denominator = _decimal(match.group("b") or match.group("d"))
+        if numerator is None or denominator is None or denominator == 0:
+            return None
+        value = _decimal(str(numerator / denominator))
+        return None if value is None else (-value if match.group("sign") == "-" else value)
+    if unit and cleaned.lower().endswith(unit.lower()) and len(cleaned) > len(unit):
+        cleaned = cleaned[: -len(unit)].strip()
+    return latex_number(cleaned)
+
+
+# ---------------------------------------------------------------------------------------------
+# math-verify fallback for short LaTeX expressions
+# ---------------------------------------------------------------------------------------------
+_LATEX_MAX_CHARS = 80
+_LATEX_COMMANDS = {"frac", "dfrac", "tfrac", "sqrt", "pi", "times", "cdot", "div"}
+_LATEX_CANDIDATE_RE = re.compile(r"\\|\^|sqrt|pi")
+_LATEX_ALLOWED_RE = re.compile(r"^[\d\s.+\-*/^(){}\[\]\\a-z]*$")
+_LATEX_COMMAND_RE = re.compile(r"\\([a-z]+)")
+_LATEX_POWER_RE = re.compile(r"\^(?:\{\s*-?\d{1,2}\s*\}|-?\d)")
+_math_verify: Any = None  # None: not tried yet; False: not installed
+
+
+def _load_math_verify() -> Any:
+    global _math_verify
+    if _math_verify is None:
+        try:
+            import math_verify.parser as parser_module
+            from math_verify import LatexExtractionConfig, parse
+
+            # the guard bounds the work, so parse runs without its SIGALRM timeout (which would
+            # cancel a caller's own alarm and fails outside the main thread); silence the notice
+            parser_module.TIMEOUT_WARNING_SHOWN = True
+            _math_verify = (parse, [LatexExtractionConfig()])
+        except Exception:  # noqa: BLE001 - optional dependency: such answers are then ungraded
+            _math_verify = False
+    return _math_verify
+
+
+def _latex_guard(text: str) -> bool:
+    """Only closed-form arithmetic reaches sympy: no variables, no nested or huge powers, short.
+
+    Together these keep sympy's work small (a few ms), so the guard, not a signal-based timeout, is
+    what bounds the time: math-verify's timeout uses SIGALRM, which fails outside the main thread
+    and would cancel an alarm the caller set."""
+    if len(text) > _LATEX_MAX_CHARS or not _LATEX_CANDIDATE_RE.search(text) or not _LATEX_ALLOWED_RE.match(text):
+        return False
+    if text.count("{") != text.count("}") or text.count("^") > 2:
+        return False
+    if text.count("^") != len(_LATEX_POWER_RE.findall(text)):
+        return False
+    bare = _LATEX_COMMAND_RE.sub(lambda m: "" if m.group(1) in _LATEX_COMMANDS else "?", text)
+    bare = bare.replace("sqrt", "").replace("pi", "")
+    return not re.search(r"[a-z?]", bare)
+
+
+@lru_cache(maxsize=8192)
+def latex_number(text: str) -> Decimal | None:
+    """The value of a short closed-form LaTeX expression (`\\frac{\\sqrt{3}}{2}`, `2\\pi`), via math-verify."""
+    if not _latex_guard(text):
+        return None
+    loaded = _load_math_verify()
+    if not loaded:
+        return None
+    parse, config = loaded
+    text = re.sub(r"(?<![\\a-z])(sqrt|pi)", r"\\\1", text)
+    try:
+        parsed = parse(f"${text}$", extraction_config=config, fallback_mode="no_fallback",
+                       extraction_mode="first_match", parsing_timeout=None)
+        expr = parsed[0] if parsed else None
+        if expr is None or isinstance(expr, str) or not getattr(expr, "is_number", False):
+            return None
+        if getattr(expr, "is_Rational", False):
+            return _decimal(str(Decimal(int(expr.p)) / Decimal(int(expr.q))))
+        value = expr.evalf(30)
+        if not value.is_real:
+            return None
+        return _decimal(str(value))
+    except Exception:  # noqa: BLE001 - anything sympy cannot evaluate is not a number
+        return None
 
 
 def _precision(value: Any) -> int | None:
     if _is_missing(value):
         return None
     try:
-        digits = int(float(value))
+        digits = float(value)
     except (TypeError, ValueError):
         return None
-    return digits if 0 <= digits <= 12 else None
+    if not math.isfinite(digits) or not digits.is_integer() or not 0 <= digits <= MAX_PRECISION:
+        return None
+    return int(digits)
 
 
-def _numbers_equal(predicted: float, gold: float, answer_type: str, precision: int | None) -> bool:
-    if answer_type == "integer":
-        return predicted == gold and float(predicted).is_integer()
-    if precision is not None:
-        return round(predicted, precision) == round(gold, precision)
-    return math.isclose(predicted, gold, rel_tol=1e-6, abs_tol=1e-9)
+def _decimals_written(number: str) -> int:
+    """Digits after the point in the gold answer: MathVista's precision when the row has none."""
+    match = re.search(r"\.(\d+)", number)
+    return min(len(match.group(1)), MAX_PRECISION) if match else 0
 
 
-def _choice_index(prediction: str, choices: Sequence[str], unit: str | None) -> int | None:
-    """The one option the prediction names, by letter or by text; None if it names none or several."""
-    letter = _LETTER_RE.match(prediction.strip().rstrip(".").strip())
+def _rounded(value: Decimal, digits: int) -> Decimal:
+    return value.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP, context=_ROUNDING)
+
+
+def numbers_match(predicted: Decimal, gold: Decimal, answer_type: str, precision: int | None) -> bool:
+    """integer: exact value ("5.0" is 5, "5.3" is not); float: equal after rounding both to `precision`."""
+    if answer_type == "float" and precision is not None:
+        return _rounded(predicted, precision) == _rounded(gold, precision)
+    return predicted == gold
+
+
+# ---------------------------------------------------------------------------------------------
+# multiple choice
+# ---------------------------------------------------------------------------------------------
+_LETTER_RE = re.compile(r"^\(?([A-Za-z])\)?$|^([A-Za-z])[.:)]$")
+_LETTER_TEXT_RE = re.compile(r"^(?:\(([A-Za-z])\)|([A-Za-z])[.:)])\s*(.+)$", re.DOTALL)
+
+
+def _option_matches(text: str, option: str, unit: str | None) -> bool:
+    if normalise_text(text) == normalise_text(option):
+        return True
+    predicted, value = parse_number(text, unit), parse_number(option, unit)
+    return predicted is not None and value is not None and predicted == value
+
+
+def choice_index(prediction: str, choices: list[str], unit: str | None = None) -> int | None:
+    """The one option an answer names, by letter or by text; None if it names none or several.
+
+    Order: a bare letter (`B`, `(b)`, `B.`) is the option at that position, as in MathVista; then the
+    option whose text matches exactly (normalised) or by value; then a letter with the option's text
+    (`(B) 12 cm`), which counts only if the text agrees with that letter.
+    """
+    cleaned = clean_answer(prediction)
+    letter = _LETTER_RE.match(cleaned)
     if letter:
-        index = ord(letter.group(1)) - ord("A")
+        index = ord((letter.group(1) or letter.group(2)).upper()) - ord("A")
         return index if index < len(choices) else None
-    normalised = _normalise_text(prediction, unit)
-    hits = [i for i, choice in enumerate(choices) if _normalise_text(str(choice), unit) == normalised]
-    return hits[0] if len(hits) == 1 else None
+    hits = [i for i, option in enumerate(choices) if normalise_text(cleaned) == normalise_text(option)]
+    if not hits and parse_number(cleaned, unit) is not None:
+        hits = [i for i, option in enumerate(choices) if _option_matches(cleaned, option, unit)]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        return None
+    labelled = _LETTER_TEXT_RE.match(cleaned)
+    if labelled:
+        index = ord((labelled.group(1) or labelled.group(2)).upper()) - ord("A")
+        if index < len(choices) and _option_matches(labelled.group(3), choices[index], unit):
+            return index
+    return None
+
+
+def _gold_choice_index(gold: str, choices: list[str], unit: str | None) -> int | None:
+    """The gold answer is an option's text in MathVista; a letter only when no option has that text."""
+    hits = [i for i, option in enumerate(choices) if option.strip() == gold.strip()]
+    if len(hits) == 1:
+        return hits[0]
+    return choice_index(gold, choices, unit)
+
+
+# ---------------------------------------------------------------------------------------------
+# grading
+# ---------------------------------------------------------------------------------------------
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return isinstance(value, float) and math.isnan(value)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _choices(value: Any) -> list[str] | None:
+    if _is_missing(value) or isinstance(value, (str, bytes, Mapping)):
+        return None
+    try:
+        choices = [str(choice) for choice in value]
+    except TypeError:
+        return None
+    return choices or None
+
+
+def _list_items(text: str) -> list[str]:
+    text = clean_answer(text).strip()
+    if text[:1] in "[(" and text[-1:] in "])":
+        text = text[1:-1]
+    text = text.strip().rstrip(",;").strip()
+    return [item.strip() for item in re.split(r"[,;]", text)] if text else []
+
+
+def _list_matches(prediction: str, gold: str, unit: str | None, precision: int | None) -> bool:
+    predicted_items, gold_items = _list_items(prediction), _list_items(gold)
+    if not gold_items or len(predicted_items) != len(gold_items):
+        return False
+    for p_item, g_item in zip(predicted_items, gold_items, strict=True):
+        p_num, g_num = parse_number(p_item, unit), parse_number(g_item, unit)
+        if g_num is not None:
+            if p_num is None or not numbers_match(p_num, g_num, "float", precision):
+                return False
+        elif not p_item or normalise_text(p_item) != normalise_text(g_item):
+            return False
+    return True
 
 
 def is_correct(prediction: str | None, row: Mapping[str, Any]) -> bool:
@@ -113,38 +425,38 @@ def is_correct(prediction: str | None, row: Mapping[str, Any]) -> bool:
 
 
 def _is_correct(prediction: str | None, row: Mapping[str, Any]) -> bool:
+    if not isinstance(prediction, str) or not isinstance(row, Mapping):
+        return False
     gold = row.get("answer")
-    if prediction is None or _is_missing(gold) or len(prediction) > MAX_ANSWER_CHARS:
+    if _is_missing(gold) or len(prediction) > MAX_ANSWER_CHARS or not prediction.strip():
         return False
-    prediction = prediction.strip()
-    if not prediction:
+    gold = str(gold).strip()
+    if not gold:
         return False
-    gold = str(gold)
-    unit = None if _is_missing(row.get("unit")) else str(row.get("unit"))
-    choices = row.get("choices")
-    if row.get("question_type") == "multi_choice" and choices is not None and len(choices) > 0:
-        choices = [str(choice) for choice in choices]
-        picked = _choice_index(prediction, choices, unit)
-        gold_index = _choice_index(gold, choices, unit)
-        return picked is not None and picked == gold_index
+    unit = None if _is_missing(row.get("unit")) else (str(row.get("unit")).strip() or None)
+    question_type = row.get("question_type")
+    choices = _choices(row.get("choices"))
+    if choices and question_type in ("multi_choice", None):
+        picked = choice_index(prediction, choices, unit)
+        return picked is not None and picked == _gold_choice_index(gold, choices, unit)
 
-    answer_type = str(row.get("answer_type") or "text")
-    if answer_type in ("integer", "float"):
-        predicted, expected = parse_number(prediction, unit), parse_number(gold, unit)
-        if predicted is None or expected is None:
-            return False
-        return _numbers_equal(predicted, expected, answer_type, _precision(row.get("precision")))
+    answer_type = row.get("answer_type")
+    answer_type = str(answer_type) if isinstance(answer_type, str) and answer_type else None
+    precision = _precision(row.get("precision"))
     if answer_type == "list":
-        predicted_items = [item for item in re.split(r"[,;]", prediction.strip("[]() ")) if item.strip()]
-        gold_items = [item for item in re.split(r"[,;]", gold.strip("[]() ")) if item.strip()]
-        if len(predicted_items) != len(gold_items):
+        return _list_matches(prediction, gold, unit, precision)
+    gold_value = parse_number(gold, unit)
+    if answer_type is None and gold_value is not None:
+        answer_type = "float" if "." in gold else "integer"
+    if answer_type in ("integer", "float") or (gold_value is not None and answer_type != "text"):
+        predicted = parse_number(prediction, unit)
+        if predicted is None or gold_value is None:
             return False
-        for p_item, g_item in zip(predicted_items, gold_items):
-            p_num, g_num = parse_number(p_item, unit), parse_number(g_item, unit)
-            if p_num is not None and g_num is not None:
-                if not _numbers_equal(p_num, g_num, "float", _precision(row.get("precision"))):
-                    return False
-            elif _normalise_text(p_item, unit) != _normalise_text(g_item, unit):
-                return False
+        if answer_type == "float" and precision is None:
+            precision = _decimals_written(gold)
+        return numbers_match(predicted, gold_value, answer_type or "float", precision)
+    if normalise_text(prediction) == normalise_text(gold):
         return True
-    return _normalise_text(prediction, unit) == _normalise_text(gold, unit)
+    # a text row whose answer happens to be a number: the same value counts ("5.0" for "5")
+    predicted = parse_number(prediction, unit) if gold_value is not None else None
+    return predicted is not None and predicted == gold_value
