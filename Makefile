@@ -7,6 +7,8 @@ PYTHON   := $(VENV)/bin/python
 PATH     := $(CURDIR)/$(VENV)/bin:$(PATH)
 RUN_ID   ?=
 PRESET   ?=
+NPROC    ?=
+MODEL    ?= $(shell $(PYTHON) -c "from pipeline.params import load_params; print(load_params().model.name_or_path)" 2>/dev/null)
 PRESET_FILE = $(if $(PRESET),presets/$(PRESET).yaml)
 
 # Keep every cache inside the workspace and nothing phoning home.
@@ -19,7 +21,7 @@ export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export VLLM_NO_USAGE_STATS := 1
 export WANDB_DIR ?= $(CURDIR)/outputs
 
-.PHONY: help setup check embedded demo train repro compare test lint clean-outputs
+.PHONY: help setup check embedded demo train repro compare test lint vllm-serve bench bench-gpu infer image shell image-train image-repro
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -35,13 +37,13 @@ embedded: setup  ## build the tiny models and the synthetic dataset under assets
 
 # One run = one DVC experiment named after its run id: the committed params.yaml plus the
 # preset's overrides (dvc exp run -S). DVC skips every stage whose inputs did not change.
-RUN = $(PYTHON) -m pipeline.experiments
+RUN = $(PYTHON) -m pipeline.experiments $(if $(NPROC),--set train.num_processes=$(NPROC))
 
 demo: embedded  ## run the whole pipeline on the embedded default (CPU, no Hub)
 	@$(RUN) --run-id demo --preset demo
 	@$(PYTHON) -m pipeline.summary demo
 
-train: setup  ## make train RUN_ID=v1 [PRESET=demo]: reproduce the train stage (and what it needs)
+train: setup  ## make train RUN_ID=v1 [PRESET=demo] [NPROC=8]: reproduce the train stage (and what it needs)
 	@test -n "$(RUN_ID)" || { echo "usage: make train RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
 	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
 	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) train
@@ -54,8 +56,86 @@ repro: setup  ## make repro RUN_ID=v1 [PRESET=demo]: all four stages for a run
 compare: setup  ## compare the metrics and params of every run (DVC experiments)
 	@dvc exp show --no-pager --only-changed --drop 'Created|State|Executor' 2>/dev/null || dvc exp show --no-pager
 
+vllm-serve:  ## vLLM server for train.vllm_mode=server, on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…]
+	CUDA_VISIBLE_DEVICES=$(or $(GPUS),0) HIP_VISIBLE_DEVICES=$(or $(GPUS),0) \
+	  trl vllm-serve --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000)
+
+bench: setup  ## CPU benchmarks (reward scoring, prepare); tables in docs/performance.md
+	$(PYTHON) bench/bench_rewards.py
+	$(PYTHON) bench/bench_prepare.py --num-proc 2
+
+bench-gpu:  ## GRPO step time on a 7B-shaped Qwen2.5-VL, seed's setup vs tuned (a GPU machine with vLLM + TRL)
+	python3 bench/bench_gpu.py --configs A-seed,B-tuned,B-fast
+
 test: setup  ## the test suite (CPU, no network)
 	$(PYTHON) -m pytest
 
 lint: setup  ## ruff
 	$(PYTHON) -m ruff check pipeline tests scripts
+
+# Registered runs (or the base model) on your own images; see docs/inference_guide.md.
+infer: setup  ## make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all|base|id,id] [ARGS="--enable_wandb"]
+	@test -n "$(IMAGES)" && test -n "$(PROMPT)" || { echo 'usage: make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all] [ARGS=…]' >&2; exit 2; }
+	@$(PYTHON) -m pipeline.infer --run_id "$(or $(RUN_ID),all)" --image_path "$(IMAGES)" --prompt "$(PROMPT)" --persist_result_local $(ARGS)
+
+# ---- GPU image (docs/containers.md): stage 1 = vLLM base, stage 2 = docker/Dockerfile -----------
+# make image VENDOR=rocm|cuda [FROM_SOURCE=1], then make shell / make image-train RUN_ID=… on the
+# GPU host. The repository is mounted at /workspace; secrets come only from .env at run time.
+image_pin        = $(shell sed -n 's/^$(1)=//p' docker/versions.env)
+VLLM_VERSION     = $(call image_pin,VLLM_VERSION)
+ROCM_ARCH        = $(call image_pin,ROCM_ARCH)
+CUDA_TAG_SUFFIX  = $(call image_pin,CUDA_TAG_SUFFIX)
+PROJECT_IMAGE_REPO = $(call image_pin,PROJECT_IMAGE_REPO)
+VENDOR          ?= rocm
+DOCKER          ?= docker
+GPU_IMAGE       ?= $(PROJECT_IMAGE_REPO):vllm$(VLLM_VERSION)-$(VENDOR)
+VLLM_BASE_ARGS   = --vendor $(VENDOR) --vllm-version $(VLLM_VERSION) --rocm-arch $(ROCM_ARCH) \
+                   --cuda-tag-suffix '$(CUDA_TAG_SUFFIX)' $(if $(FROM_SOURCE),--from-source)
+GPU_BASE_IMAGE   = $(shell bash docker/build_vllm_base.sh --print-image $(VLLM_BASE_ARGS))
+IMAGE_UID       ?= $(shell u=$$(id -u); [ "$$u" = 0 ] && echo 1000 || echo $$u)
+IMAGE_GID       ?= $(shell g=$$(id -g); [ "$$g" = 0 ] && echo 1000 || echo $$g)
+SHM_SIZE        ?= 16g
+HF_CACHE        ?= $(HF_HOME)
+RENDER_GID      ?= $(shell getent group render 2>/dev/null | cut -d: -f3)
+DOCKER_TTY      ?= $(shell [ -t 0 ] && echo -it)
+CHECK_VENDOR     = case "$(VENDOR)" in rocm|cuda) ;; *) echo "error: VENDOR must be rocm (AMD MI300X) or cuda (NVIDIA), not '$(VENDOR)'" >&2; exit 2;; esac
+# ROCm: the KFD and DRI device nodes, their groups, and no seccomp filter (HIP needs it off);
+# GPUS=0,1 selects GPUs with HIP_VISIBLE_DEVICES (CUDA_VISIBLE_DEVICES kept equal, as vLLM requires).
+GPU_FLAGS_rocm   = --device /dev/kfd --device /dev/dri --group-add video $(if $(RENDER_GID),--group-add $(RENDER_GID)) \
+                   --security-opt seccomp=unconfined $(if $(GPUS),-e HIP_VISIBLE_DEVICES=$(GPUS) -e CUDA_VISIBLE_DEVICES=$(GPUS))
+GPU_FLAGS_cuda   = $(if $(GPUS),--gpus '"device=$(GPUS)"',--gpus all) --ulimit memlock=-1 --ulimit stack=67108864
+DOCKER_RUN       = $(DOCKER) run --rm --init $(GPU_FLAGS_$(VENDOR)) --ipc=host --shm-size $(SHM_SIZE) \
+                   $(if $(wildcard .env),--env-file .env) -e HF_TOKEN -e WANDB_API_KEY \
+                   -v "$(CURDIR)":/workspace -w /workspace \
+                   -v "$(HF_CACHE)":/cache/huggingface -e HF_HOME=/cache/huggingface \
+                   $(if $(wildcard $(HOME)/.gitconfig),-v "$(HOME)/.gitconfig":/home/grpo/.gitconfig:ro)
+IMAGE_MAKE_ARGS  = $(if $(PRESET),PRESET=$(PRESET)) $(if $(NPROC),NPROC=$(NPROC))
+
+image:  ## make image [VENDOR=rocm|cuda] [FROM_SOURCE=1]: build the GPU image (vLLM base + project layer)
+	@$(CHECK_VENDOR)
+	@bash docker/require_docker.sh --buildkit
+	bash docker/build_vllm_base.sh $(VLLM_BASE_ARGS)
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile \
+	  --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) --build-arg VLLM_VERSION=$(VLLM_VERSION) \
+	  --build-arg GPU_VENDOR=$(VENDOR) --build-arg USER_UID=$(IMAGE_UID) --build-arg USER_GID=$(IMAGE_GID) \
+	  -t $(GPU_IMAGE) .
+
+shell:  ## make shell [VENDOR=rocm|cuda] [GPUS=0,1]: interactive shell in the GPU image, repo at /workspace
+	@$(CHECK_VENDOR)
+	@bash docker/require_docker.sh --image $(GPU_IMAGE)
+	@mkdir -p "$(HF_CACHE)"
+	$(DOCKER_RUN) -it $(GPU_IMAGE) bash
+
+image-train:  ## make image-train RUN_ID=v1 [PRESET=…] [NPROC=8] [VENDOR=…] [GPUS=…]: `make train` inside the GPU image
+	@test -n "$(RUN_ID)" || { echo "usage: make image-train RUN_ID=<id> [PRESET=…] [VENDOR=rocm|cuda]" >&2; exit 2; }
+	@$(CHECK_VENDOR)
+	@bash docker/require_docker.sh --image $(GPU_IMAGE)
+	@mkdir -p "$(HF_CACHE)"
+	$(DOCKER_RUN) $(DOCKER_TTY) $(GPU_IMAGE) make train RUN_ID=$(RUN_ID) $(IMAGE_MAKE_ARGS)
+
+image-repro:  ## make image-repro RUN_ID=v1 [PRESET=…] [VENDOR=…] [GPUS=…]: all four stages inside the GPU image
+	@test -n "$(RUN_ID)" || { echo "usage: make image-repro RUN_ID=<id> [PRESET=…] [VENDOR=rocm|cuda]" >&2; exit 2; }
+	@$(CHECK_VENDOR)
+	@bash docker/require_docker.sh --image $(GPU_IMAGE)
+	@mkdir -p "$(HF_CACHE)"
+	$(DOCKER_RUN) $(DOCKER_TTY) $(GPU_IMAGE) make repro RUN_ID=$(RUN_ID) $(IMAGE_MAKE_ARGS)

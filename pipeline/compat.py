@@ -61,6 +61,39 @@ class CollapsingLLM:
         return getattr(self._llm, name)
 
 
+# TRL 1.16 `log_completions` + W&B: TRL hands wandb.Table the multimodal prompt messages as nested
+# dicts whose content parts differ ({"type","text"} vs {"type"} for the image placeholder); wandb
+# cannot type the column and raises "Data row contained incompatible types" at the first logging
+# step, killing the run. Not found reported upstream; flattening the messages to text fixes it.
+TRL_WANDB_COMPLETIONS_TABLE = (Version("1.0.0"), Version("1.17.0"))
+
+
+def messages_as_text(messages: Any) -> Any:
+    """`role: text` lines, with `<image>` where an image part was: a plain string W&B can type."""
+    if not isinstance(messages, list):
+        return messages
+    lines = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else message
+        if isinstance(content, list):
+            content = "".join("<image>" if part.get("type") == "image" else str(part.get("text", ""))
+                              for part in content if isinstance(part, dict))
+        role = message.get("role", "") if isinstance(message, dict) else ""
+        lines.append(f"{role}: {content}")
+    return "\n".join(lines)
+
+
+def patch_completions_table() -> bool:
+    low, high = TRL_WANDB_COMPLETIONS_TABLE
+    if not low <= trl_version() < high:
+        return False
+    from trl.trainer import grpo_trainer
+
+    grpo_trainer.strip_images_from_messages = messages_as_text
+    logger.info("workaround: completions table as text for W&B (TRL %s)", trl_version())
+    return True
+
+
 def _cpu_sync_weights(generation) -> None:
     """vLLM's CPU backend repacks linear weights after loading, so TRL's per-tensor `load_weights`
     fails ('Parameter' object has no attribute 'weight_loader'). Reload the full set through the
@@ -71,6 +104,20 @@ def _cpu_sync_weights(generation) -> None:
     runner.reload_weights(weights_iterator=weights)
     generation.llm.reset_prefix_cache()
     generation.llm.llm_engine.reset_encoder_cache()
+
+
+def use_fp32_vllm_on_cpu() -> None:
+    """TRL builds its colocated `vllm.LLM` without a dtype, and vLLM's CPU backend then downcasts a
+    float32 checkpoint to bfloat16 while the trainer computes in float32: sampling and training
+    log-probs disagree (TRL's sampling_logp_difference ~3e-3 instead of ~5e-5 before any update),
+    which adds noise to the importance-sampling correction. Call before building the trainer; CPU only."""
+    import functools
+
+    from trl.generation import vllm_generation
+
+    if not isinstance(vllm_generation.LLM, functools.partial):
+        vllm_generation.LLM = functools.partial(vllm_generation.LLM, dtype="float32")
+        logger.info("vLLM on CPU computes in float32, like the trainer")
 
 
 def patch_vllm_colocate(trainer, on_gpu: bool) -> list[str]:

@@ -58,13 +58,13 @@ def params_left_by_last_run() -> bool:
     return True
 
 
-def start(run_id: str, preset: str | None, targets: list[str]) -> int:
+def start(run_id: str, preset: str | None, targets: list[str], sets: list[str] | None = None) -> int:
     committed = committed_params()
     if committed is not None and PARAMS_FILE.read_text() != committed and params_left_by_last_run():
         print(f"experiments: {PARAMS_FILE} holds the previous run's values; starting from the committed file")
         PARAMS_FILE.write_text(committed)
     try:
-        overrides = read_overrides(preset, [f"run_id={run_id}"])
+        overrides = read_overrides(preset, [*(sets or []), f"run_id={run_id}"])
         raw = yaml.safe_load(PARAMS_FILE.read_text())
         parse_params(apply_overrides(raw, overrides, preset or "run id"), PARAMS_FILE)
     except ParamsError as error:
@@ -83,12 +83,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--preset", help="preset name (presets/<name>.yaml) or path")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more override, after the preset's (e.g. train.num_processes=8)")
     parser.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
     args = parser.parse_args()
     preset = args.preset
     if preset and not preset.endswith((".yaml", ".yml")):
         preset = f"presets/{preset}.yaml"
-    raise SystemExit(start(args.run_id, preset, args.targets))
+    raise SystemExit(start(args.run_id, preset, args.targets, args.sets))
 
 
 if __name__ == "__main__":

@@ -124,20 +124,21 @@ def tiny_config(kind: str, tokenizer) -> Any:
     return config
 
 
-def build_processor(kind: str, tokenizer):
+def build_processor(kind: str, tokenizer, patch_size: int = TINY_PATCH, min_pixels: int = TINY_MIN_PIXELS,
+                    max_pixels: int = TINY_MAX_PIXELS):
     from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
     from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
 
-    image_kwargs = dict(patch_size=TINY_PATCH, merge_size=TINY_MERGE, temporal_patch_size=2,
-                        min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    image_kwargs = dict(patch_size=patch_size, merge_size=TINY_MERGE, temporal_patch_size=2,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
     image_processor = Qwen2VLImageProcessor(**image_kwargs)
-    image_processor.size = {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS}
+    image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     if kind == "qwen2_5_vl":
-        video = Qwen2VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE)
+        video = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=TINY_MERGE)
         return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                    video_processor=video, chat_template=CHAT_TEMPLATE)
-    video = Qwen3VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE)
+    video = Qwen3VLVideoProcessor(patch_size=patch_size, merge_size=TINY_MERGE)
     return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                             video_processor=video, chat_template=CHAT_TEMPLATE)
 

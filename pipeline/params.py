@@ -46,6 +46,7 @@ class ModelParams(_Section):
     image_factor: PositiveInt = 28
     min_pixels: PositiveInt = 3136
     max_pixels: PositiveInt = 262144
+    max_model_len: PositiveInt = 32768  # context the prompt (image tokens included) and completion share
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelParams:
@@ -54,13 +55,58 @@ class ModelParams(_Section):
         return self
 
 
+ColumnName = Annotated[str, Field(min_length=1)]
+SourceFormat = Literal["auto", "hub", "parquet", "json", "imagefolder"]
+
+
+class ColumnMap(_Section):
+    """Our column name → the dataset's column; `a.b` reads field b of struct column a; null = absent.
+
+    The defaults are MathVista's (its picture is `decoded_image`; `image` is only a path string), so
+    another dataset needs only the names that differ. A class, not a dict: a typo'd name is an error.
+    """
+
+    id: ColumnName | None = "pid"  # null: ids are hashed from question, answer and image bytes
+    question: ColumnName = "question"
+    image: ColumnName = "decoded_image"
+    answer: ColumnName = "answer"
+    choices: ColumnName | None = "choices"
+    question_type: ColumnName | None = "question_type"
+    answer_type: ColumnName | None = "answer_type"
+    precision: ColumnName | None = "precision"
+    unit: ColumnName | None = "unit"
+    category: ColumnName | None = "metadata.category"
+    context: ColumnName | None = "metadata.context"
+    grade: ColumnName | None = "metadata.grade"
+    skills: ColumnName | None = "metadata.skills"
+    source: ColumnName | None = "metadata.source"
+    task: ColumnName | None = "metadata.task"
+
+
+class SourceParams(_Section):
+    """A separate evaluation dataset: the same fields as the training source in `data`."""
+
+    source: str = Field(min_length=1)
+    config: str | None = None
+    split: str = Field(min_length=1)
+    format: SourceFormat = "auto"
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+
+
 class DataParams(_Section):
     source: str = Field(min_length=1)
     config: str | None = None
     split: str = Field(min_length=1)
+    format: SourceFormat = "auto"
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    # null: eval rows are carved out of `source` by hash of id and seed; else eval is this source, whole
+    eval_source: SourceParams | None = None
     eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     max_rows: PositiveInt | None = None
     num_proc: PositiveInt = 1
+    # [width, height]: every image letterboxed to this size (same token count per image); null: keep aspect
+    uniform_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
+    max_aspect_ratio: Annotated[float, Field(ge=1.0, le=200.0)] = 50.0  # qwen-vl-utils refuses beyond 200
 
 
 class TrainParams(_Section):
@@ -84,15 +130,22 @@ class TrainParams(_Section):
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: Fraction = 0.7
     vllm_enable_sleep_mode: bool = True
+    vllm_server_host: str = "127.0.0.1"
+    vllm_server_port: Annotated[int, Field(gt=0, lt=65536)] = 8000
+    vllm_max_model_length: PositiveInt | None = None
+    use_liger_kernel: bool = False
+    log_completions: bool = True
+    num_processes: PositiveInt = 1
+    accelerate_config: str = "configs/accelerate/ddp.yaml"
 
     @model_validator(mode="after")
     def _grpo_batch_divisible(self) -> TrainParams:
         # TRL groups the completions of one generation batch by prompt; the batch must hold whole groups.
-        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        batch = self.per_device_train_batch_size * self.num_processes * self.gradient_accumulation_steps
         if batch % self.num_generations:
             raise ValueError(
-                f"per_device_train_batch_size × gradient_accumulation_steps = {batch} is not divisible "
-                f"by num_generations = {self.num_generations} (GRPO needs whole groups per batch)"
+                f"per_device_train_batch_size × num_processes × gradient_accumulation_steps = {batch} is not "
+                f"divisible by num_generations = {self.num_generations} (GRPO needs whole groups per batch)"
             )
         return self
 
@@ -120,6 +173,7 @@ class TrackingParams(_Section):
 class PublishParams(_Section):
     push_to_hub: bool = False
     hub_repo_id: str | None = None
+    hub_private: bool = True  # a new Hub repo is created private: publishing is a deliberate second step
     registry_file: str = "registry.json"
 
     @model_validator(mode="after")

@@ -8,12 +8,17 @@ the last complete checkpoint under outputs/<run_id>/checkpoints after a crash.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,7 +123,13 @@ def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: l
         vllm_mode=train.vllm_mode,
         vllm_gpu_memory_utilization=train.vllm_gpu_memory_utilization,
         vllm_enable_sleep_mode=sleep,
+        vllm_server_host=train.vllm_server_host,
+        vllm_server_port=train.vllm_server_port,
+        vllm_max_model_length=train.vllm_max_model_length,
+        use_liger_kernel=train.use_liger_kernel,
         generation_kwargs=generation_kwargs or None,
+        log_completions=train.log_completions,
+        num_completions_to_print=2,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -136,10 +147,97 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
     return str(max(candidates)[1]) if candidates else None
 
 
+def run_fingerprint(params: Params, train_file: Path) -> str:
+    """What a checkpoint must match to be resumed: every training input, data included."""
+    digest = hashlib.sha256()
+    relevant = params.model_dump(include={"seed", "model", "train", "lora", "rewards"})
+    relevant["train"].pop("log_completions", None)
+    digest.update(json.dumps(relevant, sort_keys=True).encode())
+    with train_file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> str | None:
+    """Resume only checkpoints of this exact configuration; stale ones (params changed) are removed."""
+    stamp = checkpoint_dir / "FINGERPRINT"
+    if checkpoint_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
+        logger.info("checkpoints in %s belong to other parameters or data: starting afresh", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+    return last_complete_checkpoint(checkpoint_dir)
+
+
+class RewardFunctionError(RuntimeError):
+    pass
+
+
+def guarded(func):
+    """Name the reward that raised (TRL's traceback would not say which one nor on what input)."""
+    name = getattr(func, "__name__", repr(func))
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except Exception as error:
+            raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
+
+    return wrapper
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _callbacks():
+    from transformers import TrainerCallback
+
+    class ProgressLog(TrainerCallback):
+        """Step time and rollout throughput in the log; stop on a NaN/inf loss before it is saved."""
+
+        def __init__(self):
+            self._last = (time.perf_counter(), 0.0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss} at step {state.global_step}: lower train.learning_rate or "
+                                       "check the rewards; the last good checkpoint is kept")
+            now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
+            elapsed = now - self._last[0]
+            rate = (tokens - self._last[1]) / elapsed if elapsed > 0 else 0.0
+            self._last = (now, tokens)
+            logger.info("step %d/%d  loss %.4f  reward %.3f  step time %.2f s  %.0f tokens/s",
+                        state.global_step, state.max_steps, loss, float(logs.get("reward", float("nan"))),
+                        float(logs.get("step_time", elapsed)), rate)
+
+    return [ProgressLog()]
+
+
+def _dvclive(live_dir: Path, resume: bool):
+    """DVC plots through dvclive, configured so it never rewrites dvc.yaml (STACK.md)."""
+    live_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from dvclive import Live
+        from dvclive.huggingface import DVCLiveCallback
+    except ImportError:  # minimal environments (e.g. the GPU benchmark's); the container has it
+        logger.warning("dvclive is not installed: no DVC plots for this run")
+        return None, []
+    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
+    return live, [DVCLiveCallback(live=live, log_model=None)]
+
+
 def _cpu_vllm_environment(run_root: Path) -> None:
     """vLLM's CPU backend: a KV cache size of its own (the default fraction counts the trainer's
     memory and fails), in-process engine (start 1 s, not 12 s), caches inside the workspace."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM drops the process to one torch thread unless OMP_NUM_THREADS is set; training needs them all
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     cache = Path(".cache").resolve()
     os.environ.setdefault("VLLM_RPC_BASE_PATH", str(cache / "vllm-rpc"))
@@ -149,8 +247,6 @@ def _cpu_vllm_environment(run_root: Path) -> None:
 
 def train(params: Params) -> Path:
     from datasets import load_dataset
-    from dvclive import Live
-    from dvclive.huggingface import DVCLiveCallback
     from trl import GRPOTrainer
 
     from pipeline import compat, modeling
@@ -167,10 +263,13 @@ def train(params: Params) -> Path:
         logger.warning("vLLM is not installed: rollouts use transformers generate (slower)")
     if use_vllm and not gpu:
         _cpu_vllm_environment(params.output_dir)
+        compat.use_fp32_vllm_on_cpu()
         if params.train.vllm_enable_sleep_mode:
             logger.info("vLLM sleep mode is a GPU feature: running without it on this CPU machine")
 
     reward_funcs, reward_weights = resolve_rewards(params.rewards)
+    reward_funcs = [guarded(func) for func in reward_funcs]
+    resume = prepare_checkpoint_dir(dirs["checkpoints"], run_fingerprint(params, train_file))
     processor = modeling.load_processor(params.model.name_or_path, params.model.revision)
     model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
                                 params.model.attn_implementation)
@@ -180,8 +279,7 @@ def train(params: Params) -> Path:
     config = build_grpo_config(params, gpu=gpu, use_vllm=use_vllm, report_to=report_to,
                                reward_weights=reward_weights,
                                vision_token_ids=modeling.vision_token_ids(processor.tokenizer))
-    live = Live(dir=str(dirs["live"]), dvcyaml=False, save_dvc_exp=False, report=None,
-                resume=last_complete_checkpoint(dirs["checkpoints"]) is not None)
+    live, plot_callbacks = _dvclive(dirs["live"], resume is not None)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
@@ -189,11 +287,12 @@ def train(params: Params) -> Path:
         train_dataset=dataset,
         processing_class=processor,
         peft_config=build_lora_config(params),
-        callbacks=[DVCLiveCallback(live=live, log_model=None)],
+        callbacks=[*plot_callbacks, *_callbacks()],
     )
     compat.patch_vllm_colocate(trainer, on_gpu=gpu)
+    if params.train.log_completions and "wandb" in report_to:
+        compat.patch_completions_table()
 
-    resume = last_complete_checkpoint(dirs["checkpoints"])
     if resume:
         logger.info("resuming from %s", resume)
     started = time.perf_counter()
@@ -202,7 +301,9 @@ def train(params: Params) -> Path:
         _save_adapter(trainer, processor, dirs["adapter"])
     finally:
         compat.shutdown_vllm(trainer)
-        live.end()
+        (dirs["live"] / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        if live is not None:
+            live.end()
     logger.info("trained %d steps in %.1f s; adapter in %s", trainer.state.global_step,
                 time.perf_counter() - started, dirs["adapter"])
     return dirs["adapter"]
@@ -222,15 +323,41 @@ def _save_adapter(trainer, processor, adapter_dir: Path) -> None:
     os.replace(tmp, adapter_dir)
 
 
+def relaunch_distributed(params: Params) -> int:
+    """train.num_processes > 1: run this module under `accelerate launch` with the chosen config."""
+    if not Path(params.train.accelerate_config).is_file():
+        raise SystemExit(f"train: error: train.accelerate_config {params.train.accelerate_config!r} not found "
+                         "(see configs/accelerate/)")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.train.accelerate_config,
+           "--num_processes", str(params.train.num_processes)]
+    if not on_gpu():
+        cmd.append("--cpu")  # gloo backend: the multi-process path runs on CPU machines too
+    cmd += ["-m", "pipeline.train"]
+    logger.info("launching %d processes: %s", params.train.num_processes, " ".join(cmd))
+    return subprocess.run(cmd).returncode
+
+
 def main() -> None:
     params = load_params_or_exit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if params.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        raise SystemExit(relaunch_distributed(params))
+    import torch
+
     from pipeline.modeling import ModelNotAvailableError
 
     try:
         train(params)
     except ModelNotAvailableError as error:
         raise SystemExit(f"train: error: {error}") from None
+    except (RewardFunctionError, TrainingDiverged) as error:
+        raise SystemExit(f"train: error: {error}") from None
+    except torch.OutOfMemoryError as error:
+        raise SystemExit(
+            f"train: error: out of GPU memory ({str(error).splitlines()[0]}). Lower "
+            "train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), "
+            "train.max_completion_length or train.vllm_gpu_memory_utilization; checkpoints so far are kept."
+        ) from None
 
 
 if __name__ == "__main__":

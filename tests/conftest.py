@@ -31,3 +31,87 @@ def embedded_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(embedded_root: Path) -> Path:
     return embedded_root / "tiny-qwen2_5_vl"
+
+
+def shipped_params_text() -> str:
+    """The project's params.yaml. After `make demo` the working copy holds that run's values (DVC
+    experiments write them, run_id included); then the committed file is the shipped one."""
+    import subprocess
+
+    import yaml
+
+    text = (REPO / "params.yaml").read_text()
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], capture_output=True, text=True, cwd=REPO)
+    if shown.returncode == 0 and shown.stdout != text:
+        if yaml.safe_load(text).get("run_id") != yaml.safe_load(shown.stdout).get("run_id"):
+            return shown.stdout
+    return text
+
+
+def committed_params() -> dict:
+    import yaml
+
+    return yaml.safe_load(shipped_params_text())
+
+
+def demo_params(run_id: str, **overrides) -> dict:
+    """Committed params + presets/demo.yaml + `section__key=value` overrides."""
+    import yaml
+
+    from pipeline.params import apply_overrides
+
+    preset = yaml.safe_load((REPO / "presets" / "demo.yaml").read_text())
+    extra = {key.replace("__", "."): value for key, value in overrides.items()}
+    return apply_overrides(committed_params(), {**preset, **extra, "run_id": run_id})
+
+
+class Workspace:
+    """A scratch project folder: params.yaml, the embedded assets, prepared data; stages run in it."""
+
+    def __init__(self, root: Path, embedded: Path):
+        self.root = root
+        (root / "assets").mkdir(parents=True, exist_ok=True)
+        link = root / "assets" / "embedded"
+        if not link.exists():
+            link.symlink_to(embedded)
+        if not (root / "configs").exists():
+            (root / "configs").symlink_to(REPO / "configs")
+
+    def write_params(self, params: dict) -> None:
+        import yaml
+
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def run(self, module: str, timeout: int = 600, extra_env: dict | None = None, check: bool = True):
+        import subprocess
+        import sys
+
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **(extra_env or {}))
+        result = subprocess.run([sys.executable, "-m", module], cwd=self.root, env=env, capture_output=True,
+                                text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, f"{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        return result
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory, embedded_root) -> Path:
+    """The demo preset's prepared data, made once; train tests copy it under their own run id."""
+    ws = Workspace(tmp_path_factory.mktemp("prepared"), embedded_root)
+    ws.write_params(demo_params("prepared"))
+    ws.run("pipeline.prepare")
+    return ws.root / "outputs" / "prepared" / "data"
+
+
+@pytest.fixture
+def workspace(tmp_path, embedded_root, prepared_data):
+    """Factory: workspace(run_id, **overrides) → a Workspace with params written and data prepared."""
+    import shutil
+
+    def make(run_id: str = "t", **overrides) -> Workspace:
+        ws = Workspace(tmp_path / run_id, embedded_root)
+        ws.write_params(demo_params(run_id, **overrides))
+        shutil.copytree(prepared_data, ws.root / "outputs" / run_id / "data")
+        return ws
+
+    return make

