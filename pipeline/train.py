@@ -159,10 +159,18 @@ def run_fingerprint(params: Params, train_file: Path) -> str:
     return digest.hexdigest()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launched job (or the only process): it alone writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> str | None:
     """Resume only checkpoints of this exact configuration; stale ones (params changed) are removed."""
     stamp = checkpoint_dir / "FINGERPRINT"
-    if checkpoint_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
+    stale = checkpoint_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fingerprint)
+    if not is_main_process():
+        return None if stale else last_complete_checkpoint(checkpoint_dir)
+    if stale:
         logger.info("checkpoints in %s belong to other parameters or data: starting afresh", checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +229,8 @@ def _callbacks():
 
 def _dvclive(live_dir: Path, resume: bool):
     """DVC plots through dvclive, configured so it never rewrites dvc.yaml (STACK.md)."""
+    if not is_main_process():
+        return None, []
     live_dir.mkdir(parents=True, exist_ok=True)
     try:
         from dvclive import Live
@@ -298,10 +308,13 @@ def train(params: Params) -> Path:
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
-        _save_adapter(trainer, processor, dirs["adapter"])
+        if is_main_process():
+            _save_adapter(trainer, processor, dirs["adapter"])
     finally:
         compat.shutdown_vllm(trainer)
-        (dirs["live"] / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        if is_main_process():
+            dirs["live"].mkdir(parents=True, exist_ok=True)
+            (dirs["live"] / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         if live is not None:
             live.end()
     logger.info("trained %d steps in %.1f s; adapter in %s", trainer.state.global_step,
@@ -323,24 +336,34 @@ def _save_adapter(trainer, processor, adapter_dir: Path) -> None:
     os.replace(tmp, adapter_dir)
 
 
+LAUNCHED_ENV = "GRPO_LAUNCHED_BY_ACCELERATE"  # set for the workers: they must train, not launch again
+
+
 def relaunch_distributed(params: Params) -> int:
-    """train.num_processes > 1: run this module under `accelerate launch` with the chosen config."""
-    if not Path(params.train.accelerate_config).is_file():
-        raise SystemExit(f"train: error: train.accelerate_config {params.train.accelerate_config!r} not found "
-                         "(see configs/accelerate/)")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.train.accelerate_config,
-           "--num_processes", str(params.train.num_processes)]
-    if not on_gpu():
-        cmd.append("--cpu")  # gloo backend: the multi-process path runs on CPU machines too
-    cmd += ["-m", "pipeline.train"]
-    logger.info("launching %d processes: %s", params.train.num_processes, " ".join(cmd))
-    return subprocess.run(cmd).returncode
+    """train.num_processes > 1: run this module in N processes on an existing launcher.
+
+    GPUs: `accelerate launch` with train.accelerate_config (DDP, ZeRO-2/3, FSDP2). CPU machines:
+    torchrun with accelerate's CPU mode (gloo), so the distributed path is exercised without a GPU
+    (accelerate's own --cpu launcher starts a single process)."""
+    n = str(params.train.num_processes)
+    env = {**os.environ, LAUNCHED_ENV: "1"}
+    if on_gpu():
+        if not Path(params.train.accelerate_config).is_file():
+            raise SystemExit(f"train: error: train.accelerate_config {params.train.accelerate_config!r} not found "
+                             "(see configs/accelerate/)")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.train.accelerate_config,
+               "--num_processes", n, "-m", "pipeline.train"]
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--module", "pipeline.train"]
+    logger.info("launching %s processes: %s", n, " ".join(cmd))
+    return subprocess.run(cmd, env=env).returncode
 
 
 def main() -> None:
     params = load_params_or_exit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if params.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+    if params.train.num_processes > 1 and LAUNCHED_ENV not in os.environ:
         raise SystemExit(relaunch_distributed(params))
     import torch
 
