@@ -58,7 +58,7 @@ def warm_up(model, processor, seed: int, steps: int = WARMUP_STEPS) -> list[floa
         prompt_texts, full_texts, images = [], [], []
         for row in batch:
             messages = prompts.conversation(prompts.user_text(row["question"], row["choices"], row["unit"],
-                                                              row["precision"]))
+                                                              row["precision"], row["answer_type"]))
             messages[1]["content"] = [{"type": "image"}, {"type": "text", "text": messages[1]["content"]}]
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
             prompt_texts.append(prompt)

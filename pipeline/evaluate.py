@@ -61,6 +61,27 @@ def summarise(scored: Sequence[dict], generations: Sequence) -> dict:
     }
 
 
+BREAKDOWN_FIELDS = ("question_type", "answer_type", "category", "context", "skills", "task")
+
+
+def breakdown(rows: Sequence[dict], scored: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """Accuracy per value of each MathVista field present (skills: one row counts for each skill)."""
+    groups: dict[str, dict[str, list[bool]]] = {}
+    for row, score in zip(rows, scored, strict=True):
+        for field in BREAKDOWN_FIELDS:
+            value = row.get(field)
+            if value is None or value == "":
+                continue
+            values = [v.strip() for v in str(value).split(",")] if field == "skills" else [str(value)]
+            for item in values:
+                groups.setdefault(field, {}).setdefault(item, []).append(score["correct"])
+    return {
+        field: {value: {"rows": len(hits), "accuracy": round(sum(hits) / len(hits), 4)}
+                for value, hits in sorted(by_value.items())}
+        for field, by_value in groups.items()
+    }
+
+
 def build_metrics(summaries: dict[str, dict]) -> dict:
     metrics = dict(summaries)
     metrics["delta"] = {
@@ -106,7 +127,9 @@ def evaluate(params: Params) -> dict:
                                               **options)
 
     scored = {name: score_rows(rows, [g.text for g in generations[name]]) for name in MODELS}
-    metrics = build_metrics({name: summarise(scored[name], generations[name]) for name in MODELS})
+    summaries = {name: {**summarise(scored[name], generations[name]), "by": breakdown(rows, scored[name])}
+                 for name in MODELS}
+    metrics = build_metrics(summaries)
     _write_predictions(params.output_dir / "eval" / "predictions.jsonl", rows, generations, scored)
     return metrics
 
@@ -129,6 +152,9 @@ def main() -> None:
     out = params.output_dir / "eval" / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
+    from pipeline import report
+
+    report.write_all(params.run_id, metrics, out.parent / "predictions.jsonl", out.parent)
     logger.info("accuracy base %.3f → adapter %.3f; strict format %.3f → %.3f (%d rows) → %s",
                 metrics["base"]["accuracy"], metrics["adapter"]["accuracy"], metrics["base"]["strict_format"],
                 metrics["adapter"]["strict_format"], metrics["base"]["rows"], out)

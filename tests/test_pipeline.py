@@ -64,6 +64,21 @@ def test_four_stages_write_their_outputs(clone, demo_run):
     assert "t1" in (clone / "docs" / "model_registry.md").read_text()
     plots = list((root / "train_logs" / "plots" / "metrics").rglob("*.tsv"))
     assert plots, "dvclive wrote no training plots"
+    assert (clone / "docs" / "results_comparison.md").read_text().startswith("# Results: base model vs run `t1`")
+    assert (clone / "docs" / "sample_outputs" / "t1.md").is_file()
+
+
+def test_the_demo_learns(clone, demo_run):
+    """The warmed-up tiny model formats sometimes; GRPO makes it format (and the reward rise)."""
+    import csv
+
+    series = next((clone / "outputs" / "t1" / "train_logs" / "plots" / "metrics").rglob("reward.tsv"))
+    with series.open() as f:
+        rewards = [float(row["reward"]) for row in csv.DictReader(f, delimiter="\t")]
+    third = len(rewards) // 3
+    assert sum(rewards[-third:]) / third > sum(rewards[:third]) / third
+    metrics = json.loads((clone / "outputs" / "t1" / "eval" / "metrics.json").read_text())
+    assert metrics["adapter"]["strict_format"] >= metrics["base"]["strict_format"] + 0.3
 
 
 def test_dvc_status_clean_and_dvc_yaml_untouched(clone, demo_run):

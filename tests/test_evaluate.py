@@ -1,0 +1,83 @@
+"""Evaluation metrics on canned generations (every number checked), and the generated report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import report
+from pipeline.evaluate import breakdown, build_metrics, score_rows, summarise, wilson_interval
+from pipeline.generation import Generation
+
+ROWS = [
+    {"id": "1", "answer": "5", "choices": None, "question_type": "free_form", "answer_type": "integer",
+     "precision": None, "unit": None, "category": "math-targeted-vqa", "skills": "arithmetic reasoning, counting"},
+    {"id": "2", "answer": "blue", "choices": ["red", "blue"], "question_type": "multi_choice", "answer_type": "text",
+     "precision": None, "unit": None, "category": "general-vqa", "skills": "counting"},
+    {"id": "3", "answer": "2.5", "choices": None, "question_type": "free_form", "answer_type": "float",
+     "precision": 1.0, "unit": None, "category": "math-targeted-vqa", "skills": None},
+    {"id": "4", "answer": "7", "choices": None, "question_type": "free_form", "answer_type": "integer",
+     "precision": None, "unit": None, "category": "general-vqa", "skills": "counting"},
+]
+BASE = [Generation("The answer is 5.", 4), Generation("<answer>B</answer>", 5),
+        Generation("<reasoning>r</reasoning><answer>2.50</answer>", 9, truncated=True), Generation(None, error="boom")]
+ADAPTER = [Generation("<reasoning>r</reasoning>\n<answer>5</answer>", 10),
+           Generation("<reasoning>r</reasoning><answer>(B)</answer>", 10),
+           Generation("<reasoning>r</reasoning><answer>2.5</answer>", 10),
+           Generation("<reasoning>r</reasoning><answer>6</answer>", 10)]
+
+
+@pytest.fixture
+def metrics():
+    scored = {"base": score_rows(ROWS, [g.text for g in BASE]), "adapter": score_rows(ROWS, [g.text for g in ADAPTER])}
+    generations = {"base": BASE, "adapter": ADAPTER}
+    return build_metrics({name: {**summarise(scored[name], generations[name]), "by": breakdown(ROWS, scored[name])}
+                          for name in ("base", "adapter")})
+
+
+def test_every_number_on_canned_generations(metrics):
+    base, adapter = metrics["base"], metrics["adapter"]
+    assert base["rows"] == adapter["rows"] == 4
+    # base: no answer block in row 1 (wrong), B = blue (right), 2.50 rounds to 2.5 (right), failed row (wrong)
+    assert base["accuracy"] == 0.5 and adapter["accuracy"] == 0.75
+    assert base["strict_format"] == 0.25 and adapter["strict_format"] == 1.0
+    assert base["soft_format"] == 0.25
+    assert base["extraction_rate"] == 0.5 and adapter["extraction_rate"] == 1.0
+    assert base["truncation_rate"] == 0.25 and base["failed_generations"] == 1
+    assert base["mean_completion_tokens"] == 4.5
+    assert metrics["delta"]["accuracy"] == 0.25 and metrics["delta"]["strict_format"] == 0.75
+    assert base["accuracy_ci95"] == list(wilson_interval(2, 4))
+    assert adapter["by"]["question_type"] == {"free_form": {"rows": 3, "accuracy": 0.6667},
+                                              "multi_choice": {"rows": 1, "accuracy": 1.0}}
+    assert adapter["by"]["skills"]["counting"] == {"rows": 3, "accuracy": 0.6667}
+    assert adapter["by"]["category"]["general-vqa"] == {"rows": 2, "accuracy": 0.5}
+
+
+def test_wilson_interval_is_bounded_and_sensible():
+    assert wilson_interval(0, 0) == (0.0, 0.0)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and 0.2 < high < 0.35
+    low, high = wilson_interval(50, 100)
+    assert 0.39 < low < 0.41 and 0.59 < high < 0.61
+
+
+def test_report_matches_the_metrics(tmp_path, metrics, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    predictions = tmp_path / "predictions.jsonl"
+    with predictions.open("w") as f:
+        for row, base, adapter in zip(ROWS, BASE, ADAPTER, strict=True):
+            f.write(json.dumps({"id": row["id"], "question": "q", "gold": row["answer"],
+                                "base": {"prediction": base.text, "error": base.error, "correct": False,
+                                         "strict_format": False},
+                                "adapter": {"prediction": adapter.text, "error": None, "correct": True,
+                                            "strict_format": True}}) + "\n")
+    report.write_all("r1", metrics, predictions, tmp_path)
+    text = (tmp_path / "docs" / "results_comparison.md").read_text()
+    assert "| accuracy | 0.500 (" in text and "| 0.750 (" in text and "+0.250 |" in text
+    assert "| strict format | 0.250 | 1.000 | +0.750 |" in text
+    assert "| counting | 3 | 0.333 | 0.667 | +0.333 |" in text
+    assert (tmp_path / "docs" / "results_comparison.png").stat().st_size > 1000
+    assert "(no output: boom)" in (tmp_path / "docs" / "sample_outputs" / "r1.md").read_text()
+    csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
+    assert csv_rows[0] == "group,model,value" and "overall: accuracy,adapter,0.75" in csv_rows
