@@ -19,7 +19,6 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export VLLM_NO_USAGE_STATS := 1
-export WANDB_DIR ?= $(CURDIR)/outputs
 
 .PHONY: help setup check embedded demo train repro compare test lint vllm-serve bench bench-gpu infer image shell image-train image-repro
 

@@ -65,7 +65,7 @@ def configure_tracking(params: Params) -> list[str]:
         return []
     os.environ["WANDB_MODE"] = mode
     os.environ["WANDB_PROJECT"] = params.tracking.wandb_project
-    os.environ.setdefault("WANDB_DIR", str(params.output_dir))
+    os.environ["WANDB_DIR"] = str(params.output_dir.resolve())  # the run's files stay with the run
     os.environ.setdefault("WANDB_SILENT", "true")
     return ["wandb"]
 
