@@ -147,35 +147,50 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
     return str(max(candidates)[1]) if candidates else None
 
 
+def _model_identity(name_or_path: str, revision: str) -> list:
+    """A local checkpoint by its files' names, sizes and mtimes (hashing 16 GB would take minutes)."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return [name_or_path, revision]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()]
+
+
 def run_fingerprint(params: Params, train_file: Path) -> str:
-    """What a checkpoint must match to be resumed: every training input, data included."""
+    """What a checkpoint must match to be resumed: every training input, code and data included."""
     digest = hashlib.sha256()
     relevant = params.model_dump(include={"seed", "model", "train", "lora", "rewards"})
     relevant["train"].pop("log_completions", None)
+    relevant["model_files"] = _model_identity(params.model.name_or_path, params.model.revision)
     digest.update(json.dumps(relevant, sort_keys=True).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
     with train_file.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a launched job (or the only process): it alone writes shared files."""
-    return int(os.environ.get("RANK", "0")) == 0
+COMPLETE = "COMPLETE"  # written after a successful run: its checkpoints are not to be resumed
 
 
 def prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> str | None:
-    """Resume only checkpoints of this exact configuration; stale ones (params changed) are removed."""
+    """Resume only an interrupted run of this exact configuration; anything else starts afresh."""
     stamp = checkpoint_dir / "FINGERPRINT"
-    stale = checkpoint_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fingerprint)
+    stale = checkpoint_dir.exists() and (
+        not stamp.exists() or stamp.read_text().strip() != fingerprint or (checkpoint_dir / COMPLETE).exists())
     if not is_main_process():
         return None if stale else last_complete_checkpoint(checkpoint_dir)
     if stale:
-        logger.info("checkpoints in %s belong to other parameters or data: starting afresh", checkpoint_dir)
+        logger.info("checkpoints in %s belong to a finished run or other inputs: starting afresh", checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint + "\n")
     return last_complete_checkpoint(checkpoint_dir)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched job (or the only process): it alone writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class RewardFunctionError(RuntimeError):
@@ -310,6 +325,7 @@ def train(params: Params) -> Path:
         trainer.train(resume_from_checkpoint=resume)
         if is_main_process():
             _save_adapter(trainer, processor, dirs["adapter"])
+            (dirs["checkpoints"] / COMPLETE).write_text(f"{trainer.state.global_step}\n")
     finally:
         compat.shutdown_vllm(trainer)
         if is_main_process():

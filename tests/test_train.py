@@ -173,3 +173,30 @@ def test_checkpoints_of_other_parameters_are_not_resumed(tmp_path):
     assert prepare_checkpoint_dir(checkpoints, "same").endswith("checkpoint-4")
     assert prepare_checkpoint_dir(checkpoints, "other") is None
     assert not (checkpoints / "checkpoint-4").exists()
+    # a finished run's checkpoints are never resumed: a rerun (code or model changed) trains afresh
+    (checkpoints / "checkpoint-8").mkdir()
+    (checkpoints / "checkpoint-8" / "trainer_state.json").write_text("{}")
+    (checkpoints / "COMPLETE").write_text("8\n")
+    assert prepare_checkpoint_dir(checkpoints, "other") is None and not (checkpoints / "checkpoint-8").exists()
+
+
+def test_fingerprint_follows_code_model_and_data(tmp_path, tiny_model_dir):
+    import os
+
+    from pipeline.train import run_fingerprint
+
+    data = tmp_path / "train.parquet"
+    data.write_bytes(b"rows")
+    params = parse_params(demo_params("fp", model__name_or_path=str(tiny_model_dir)))
+    first = run_fingerprint(params, data)
+    assert run_fingerprint(params, data) == first
+    data.write_bytes(b"other rows")
+    assert run_fingerprint(params, data) != first
+    data.write_bytes(b"rows")
+    config = tiny_model_dir / "config.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    try:
+        assert run_fingerprint(params, data) != first
+    finally:
+        os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
