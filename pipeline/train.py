@@ -52,7 +52,6 @@ def run_dirs(params: Params) -> dict[str, Path]:
         "checkpoints": root / "checkpoints",
         "adapter": root / "adapter",
         "live": root / "train_logs",
-        "wandb": root,
     }
 
 
@@ -257,7 +256,7 @@ def _dvclive(live_dir: Path, resume: bool):
     return live, [DVCLiveCallback(live=live, log_model=None)]
 
 
-def _cpu_vllm_environment(run_root: Path) -> None:
+def _cpu_vllm_environment() -> None:
     """vLLM's CPU backend: a KV cache size of its own (the default fraction counts the trainer's
     memory and fails), in-process engine (start 1 s, not 12 s), caches inside the workspace."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -287,7 +286,7 @@ def train(params: Params) -> Path:
     if params.train.use_vllm and not use_vllm:
         logger.warning("vLLM is not installed: rollouts use transformers generate (slower)")
     if use_vllm and not gpu:
-        _cpu_vllm_environment(params.output_dir)
+        _cpu_vllm_environment()
         compat.use_fp32_vllm_on_cpu()
         if params.train.vllm_enable_sleep_mode:
             logger.info("vLLM sleep mode is a GPU feature: running without it on this CPU machine")
