@@ -84,7 +84,7 @@ class ColumnMap(_Section):
 
 
 class SourceParams(_Section):
-    """A separate evaluation dataset: the same fields as the training source in `data`."""
+    """Where a dataset comes from: `data` itself, and `data.eval_source` for a separate eval set."""
 
     source: str = Field(min_length=1)
     config: str | None = None
@@ -93,12 +93,7 @@ class SourceParams(_Section):
     columns: ColumnMap = Field(default_factory=ColumnMap)
 
 
-class DataParams(_Section):
-    source: str = Field(min_length=1)
-    config: str | None = None
-    split: str = Field(min_length=1)
-    format: SourceFormat = "auto"
-    columns: ColumnMap = Field(default_factory=ColumnMap)
+class DataParams(SourceParams):
     # null: eval rows are carved out of `source` by hash of id and seed; else eval is this source, whole
     eval_source: SourceParams | None = None
     eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
