@@ -63,8 +63,9 @@ bench: setup  ## CPU benchmarks (reward scoring, prepare); tables in docs/perfor
 	$(PYTHON) bench/bench_rewards.py
 	$(PYTHON) bench/bench_prepare.py --num-proc 2
 
-bench-gpu:  ## GRPO step time on a 7B-shaped Qwen2.5-VL, seed's setup vs tuned (a GPU machine with vLLM + TRL)
-	python3 bench/bench_gpu.py --configs A-seed,B-tuned,B-fast
+bench-gpu:  ## GRPO step time, seed's setup vs tuned, with floors: make bench-gpu [SHAPE=qwen2_5_vl-3b|qwen3_vl-8b]
+	python3 bench/bench_gpu.py --shape $(or $(SHAPE),qwen2_5_vl-7b) --configs A-seed,B-tuned \
+	  --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F).json
 
 test: setup  ## the test suite (CPU, no network)
 	$(PYTHON) -m pytest

@@ -26,13 +26,29 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Qwen2.5-VL-7B-Instruct's shapes (transformers' Qwen2_5_VLConfig() defaults are not these).
-TEXT_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-               rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                 fullatt_block_indexes=[7, 15, 23, 31])
+# Real checkpoints' shapes (transformers' config defaults are not these), from their config.json.
+_QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31])
+_QWEN25_ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+SHAPES = {
+    "qwen2_5_vl-7b": dict(kind="qwen2_5_vl", patch_size=14, text=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        rope_parameters=_QWEN25_ROPE), vision={**_QWEN25_VISION, "out_hidden_size": 3584}),
+    "qwen2_5_vl-3b": dict(kind="qwen2_5_vl", patch_size=14, text=dict(
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, rope_parameters=_QWEN25_ROPE), vision={**_QWEN25_VISION, "out_hidden_size": 2048}),
+    "qwen3_vl-8b": dict(kind="qwen3_vl", patch_size=16, text=dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True}),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")),
+}
 IMAGE_SIDE = 448
 MATHVISTA_CONTEXT = (
     "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, "
@@ -46,42 +62,90 @@ SEED_SETUP = {  # A: the seed's setup, TRL defaults otherwise
     "train.gradient_checkpointing": True, "train.use_vllm": True, "train.vllm_mode": "colocate",
     "train.vllm_enable_sleep_mode": True, "train.vllm_gpu_memory_utilization": 0.7,
 }
-TUNED = {  # B: the same learning, faster: no logits materialised, vLLM kept awake in a right-sized pool
+# B: the same learning (16 completions per optimizer step, same loss), faster. Liger's fused linear +
+# GRPO loss never materialises the 152k-vocabulary logits; vLLM stays awake in a pool sized for 16
+# completions (no sleep/wake, its CUDA graphs kept); activations are kept (no recomputation), which
+# a 4 × 4 micro-batch split keeps under the memory target.
+TUNED = {
     **SEED_SETUP, "train.use_liger_kernel": True, "train.vllm_enable_sleep_mode": False,
-    "train.vllm_gpu_memory_utilization": 0.35, "train.vllm_max_model_length": 2048,
+    "train.vllm_gpu_memory_utilization": 0.28, "train.vllm_max_model_length": 2048,
+    "train.gradient_checkpointing": False, "train.per_device_train_batch_size": 4,
+    "train.gradient_accumulation_steps": 4,
 }
-TUNED_NO_LIGER = {**TUNED, "train.use_liger_kernel": False}
-# with vLLM awake in 35% and no logits materialised, activations fit without recomputation
-TUNED_NO_RECOMPUTE = {**TUNED, "train.gradient_checkpointing": False}
-CONFIGS = {"A-seed": SEED_SETUP, "B-tuned": TUNED, "B-no-liger": TUNED_NO_LIGER, "B-fast": TUNED_NO_RECOMPUTE}
+CONFIGS = {
+    "A-seed": SEED_SETUP,
+    "B-tuned": TUNED,
+    # earlier candidates, kept for comparison (docs/performance.md)
+    "B-recompute": {**TUNED, "train.gradient_checkpointing": True, "train.per_device_train_batch_size": 8,
+                    "train.gradient_accumulation_steps": 2, "train.vllm_gpu_memory_utilization": 0.35},
+    "B-fast": {**TUNED, "train.per_device_train_batch_size": 8, "train.gradient_accumulation_steps": 2,
+               "train.vllm_gpu_memory_utilization": 0.35},
+}
 
 
-def build_model_dir(out: Path) -> Path:
+def build_model_dir(out: Path, shape: str) -> Path:
     """config + the project's offline tokenizer/processor + random bf16 weights, saved like a checkpoint."""
     import torch
-    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen3VLConfig
 
     from pipeline import modeling
 
     if (out / "config.json").exists() and list(out.glob("*.safetensors")):
         return out
+    spec = SHAPES[shape]
     tokenizer = modeling.build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in modeling.SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        text_config={**TEXT_7B, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
-        vision_config=VISION_7B, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    config_class = Qwen2_5_VLConfig if spec["kind"] == "qwen2_5_vl" else Qwen3VLConfig
+    config = config_class(
+        text_config={**spec["text"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
+        vision_config=spec["vision"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=spec["text"].get("tie_word_embeddings", False))
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
-    print(f"bench: random 7B-shaped Qwen2.5-VL, {params / 1e9:.2f} B parameters", flush=True)
+    print(f"bench: random {shape}-shaped model, {params / 1e9:.2f} B parameters", flush=True)
     model.save_pretrained(out)
+    (out / "bench_shape.json").write_text(json.dumps({"shape": shape, "parameters": params}) + "\n")
     pixels = IMAGE_SIDE * IMAGE_SIDE
-    modeling.build_processor("qwen2_5_vl", tokenizer, patch_size=14, min_pixels=pixels, max_pixels=pixels
-                             ).save_pretrained(out)
+    modeling.build_processor(spec["kind"], tokenizer, patch_size=spec["patch_size"], min_pixels=pixels,
+                             max_pixels=pixels).save_pretrained(out)
     del model
     torch.cuda.empty_cache()
     return out
+
+
+def measure_floors() -> dict:
+    """What the card can do at best (METHOD.md): a large device-to-device copy and a large bf16 matmul."""
+    import torch
+
+    def timed(fn, repeats: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    def copy_seconds(size: int = 4 << 30) -> float:
+        src = torch.empty(size, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        return timed(lambda: dst.copy_(src), 20)
+
+    def matmul_seconds(n: int) -> float:
+        a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        return timed(lambda: a @ b, 50)
+
+    n = 8192
+    copy_s, matmul_s = copy_seconds(), matmul_seconds(n)
+    torch.cuda.empty_cache()
+    return {
+        "device": torch.cuda.get_device_name(),
+        "copy_gb_s": round(2 * (4 << 30) / copy_s / 1e9, 1),  # bytes read + bytes written
+        "matmul_tflop_s": round(2 * n ** 3 / matmul_s / 1e12, 1),
+    }
 
 
 def build_dataset(out: Path, rows: int = 256) -> Path:
@@ -141,6 +205,66 @@ def params_for(name: str, overrides: dict, model_dir: Path, data_dir: Path, step
     return apply_overrides(base, {**common, **overrides}, f"bench {name}")
 
 
+def _median(entries: list[dict], key: str) -> float | None:
+    values = [e[key] for e in entries if e.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def phase_split(history: list[dict], warmup: int, completions_per_step: int) -> dict:
+    """Median per-step phase times from the trainer's own log (pipeline.train logs `time/<phase>`)."""
+    steps = [e for e in history if "step_time" in e]
+    timed = steps[warmup:]
+    if not timed:
+        return {"steps_timed": 0}
+    step = _median(timed, "step_time")
+    rollout = _median(timed, "time/vLLM.generate")
+    sync = _median(timed, "time/sync_weights") or 0.0
+    prepare = _median(timed, "time/_prepare_inputs")
+    completion_tokens = _median(timed, "completions/mean_length") * completions_per_step
+    tokens = [e.get("num_tokens") for e in steps]
+    tokens_per_step = (tokens[-1] - tokens[warmup - 1]) / len(timed) if warmup and tokens[-1] else None
+    train = step - prepare if prepare is not None else None
+    return {
+        "steps_timed": len(timed), "step_s": round(step, 2), "step_s_min": round(min(e["step_time"] for e in timed), 2),
+        "rollout_s": round(rollout, 2) if rollout else None, "sync_s": round(sync, 2),
+        "train_s": round(train, 2) if train else None,
+        "other_s": round(prepare - rollout - sync, 2) if prepare and rollout else None,  # wake/sleep, rewards
+        "completion_tokens_per_step": round(completion_tokens),
+        "tokens_per_step": round(tokens_per_step) if tokens_per_step else None,
+        "rollout_tokens_s": round(completion_tokens / rollout) if rollout else None,
+        "train_tokens_s": round(tokens_per_step / train) if tokens_per_step and train else None,
+        "startup_s": round(steps[0].get("time/startup", float("nan")), 1),
+        "logp_diff": [round(e.get("sampling/sampling_logp_difference/mean", float("nan")), 4) for e in steps],
+    }
+
+
+def phase_floors(result: dict, floors: dict, model: dict, params: dict) -> dict:
+    """Each phase's best possible time on this card (METHOD.md), from the measured copy and matmul rates.
+
+    rollout: every decode step reads all bf16 weights (plus the KV cache, on average half of its final
+    size) once; completions run to max_completion_length. train: 6 × parameters × tokens.
+    sync: the merged weights are copied into vLLM once (read + write)."""
+    bandwidth = floors["copy_gb_s"] * 1e9
+    weight_bytes = 2 * model["parameters"]
+    text = SHAPES[model["shape"]]["text"]
+    head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    kv_bytes_per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 2
+    decode_steps = params["train"]["max_completion_length"]
+    sequences = params["train"]["per_device_train_batch_size"] * params["train"]["gradient_accumulation_steps"]
+    tokens = result.get("tokens_per_step") or 0
+    mean_context = tokens / sequences / 2 if sequences else 0
+    rollout = decode_steps * (weight_bytes + sequences * mean_context * kv_bytes_per_token) / bandwidth
+    train = 6 * model["parameters"] * tokens / (floors["matmul_tflop_s"] * 1e12)
+    sync = 2 * weight_bytes / bandwidth
+    out = {"rollout_floor_s": round(rollout, 2), "train_floor_s": round(train, 2), "sync_floor_s": round(sync, 2),
+           "step_floor_s": round(rollout + train + sync, 2)}
+    for phase in ("rollout", "train", "sync", "step"):
+        measured = result.get(f"{phase}_s")
+        floor = out[f"{phase}_floor_s"]
+        out[f"{phase}_x_floor"] = round(measured / floor, 2) if measured and floor else None
+    return out
+
+
 def run(name: str, params: dict, work: Path, warmup: int) -> dict:
     run_dir = work / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,43 +281,66 @@ def run(name: str, params: dict, work: Path, warmup: int) -> dict:
     wall = time.perf_counter() - started
     history_file = run_dir / "outputs" / params["run_id"] / "train_logs" / "log_history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
-    steps = [entry for entry in history if "step_time" in entry]
-    timed = [entry["step_time"] for entry in steps[warmup:]]
-    tokens = [entry.get("num_tokens") for entry in steps]
-    tokens_per_step = (tokens[-1] - tokens[warmup - 1]) / len(timed) if timed and warmup and tokens[-1] else None
-    return {
-        "config": name, "exit_code": result.returncode, "wall_s": round(wall, 1),
-        "steps_timed": len(timed), "step_s_mean": round(statistics.mean(timed), 2) if timed else None,
-        "step_s_min": round(min(timed), 2) if timed else None,
-        "tokens_per_step": round(tokens_per_step) if tokens_per_step else None,
-        "peak_gpu_gib": round(memory.peak_mib / 1024, 1),
-        "logp_diff": [round(e.get("sampling/sampling_logp_difference/mean", float("nan")), 4) for e in steps],
-    }
+    train = params["train"]
+    completions = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"]
+    return {"config": name, "exit_code": result.returncode, "wall_s": round(wall, 1),
+            "peak_gpu_gib": round(memory.peak_mib / 1024, 1), **phase_split(history, warmup, completions)}
+
+
+COLUMNS = [("config", "config", "{}"), ("exit", "exit_code", "{}"), ("s/step", "step_s", "{:.2f}"),
+           ("rollout s", "rollout_s", "{:.2f}"), ("sync s", "sync_s", "{:.2f}"), ("train s", "train_s", "{:.2f}"),
+           ("other s", "other_s", "{:.2f}"), ("rollout tok/s", "rollout_tokens_s", "{}"),
+           ("train tok/s", "train_tokens_s", "{}"), ("start s", "startup_s", "{}"), ("peak GiB", "peak_gpu_gib", "{}"),
+           ("step/floor", "step_x_floor", "{}"), ("B/A", "speedup", "{}")]
+
+
+def print_table(shape: str, floors: dict, results: list[dict]) -> None:
+    print(f"\n{shape} on {floors['device']}: copy {floors['copy_gb_s']} GB/s, bf16 matmul "
+          f"{floors['matmul_tflop_s']} TFLOP/s")
+    rows = [[fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in COLUMNS] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (h, _, _) in enumerate(COLUMNS)]
+    print("  ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, widths, strict=True)))
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    for r in results:
+        if r.get("step_floor_s"):
+            print(f"  {r['config']}: floors rollout {r['rollout_floor_s']} s, train {r['train_floor_s']} s, "
+                  f"sync {r['sync_floor_s']} s = {r['step_floor_s']} s; measured × floor: rollout "
+                  f"{r['rollout_x_floor']}, train {r['train_x_floor']}, sync {r['sync_x_floor']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-gpu"))
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2_5_vl-7b")
     parser.add_argument("--configs", default="A-seed,B-tuned")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
     args = parser.parse_args()
-    model_dir = build_model_dir(args.work / "qwen2_5_vl-7b-random")
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
+    floors = measure_floors()
+    print(f"bench: floors {json.dumps(floors)}", flush=True)
+    model_dir = build_model_dir(args.work / f"{args.shape}-random", args.shape)
+    model = json.loads((model_dir / "bench_shape.json").read_text())
     data_dir = build_dataset(args.work / "mathvista-448")
-    results = []
-    for name in args.configs.split(","):
-        params = params_for(name, CONFIGS[name], model_dir, data_dir, args.steps)
-        results.append(run(name, params, args.work, args.warmup))
-        print(json.dumps(results[-1]), flush=True)
+    results: list[dict] = []
+    for name in names:
+        params = params_for(f"{args.shape}-{name}", CONFIGS[name], model_dir, data_dir, args.steps)
+        result = {**run(name, params, args.work / args.shape, args.warmup)}
+        result.update(phase_floors(result, floors, model, params))
+        if results and results[0].get("step_s") and result.get("step_s"):
+            result["speedup"] = round(results[0]["step_s"] / result["step_s"], 2)
+        results.append(result)
+        print(json.dumps(result), flush=True)
         if args.out:
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-    header = ('config', 'exit', 's/step', 'min', 'tokens/step', 'peak GiB', 'wall s')
-    print("\n{:12s} {:>4s} {:>7s} {:>6s} {:>11s} {:>8s} {:>7s}".format(*header))
-    for r in results:
-        print(f"{r['config']:12s} {r['exit_code']:>4d} {r['step_s_mean'] or float('nan'):>7.2f} "
-              f"{r['step_s_min'] or float('nan'):>6.2f} {r['tokens_per_step'] or 0:>11d} {r['peak_gpu_gib']:>8.1f} "
-              f"{r['wall_s']:>7.1f}")
+            args.out.write_text(json.dumps({"shape": args.shape, "model": model, "floors": floors,
+                                            "steps": args.steps, "warmup": args.warmup, "results": results},
+                                           indent=2) + "\n")
+    print_table(args.shape, floors, results)
 
 
 if __name__ == "__main__":

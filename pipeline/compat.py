@@ -94,6 +94,30 @@ def patch_completions_table() -> bool:
     return True
 
 
+# TRL times its phases (vLLM.generate, sync_weights, _prepare_inputs, compute_loss, each reward)
+# but sends the timings only to W&B, MLflow or Trackio, one call at a time. We add them up here so
+# the trainer can log a per-step split to every logger, log_history.json and DVC plots included.
+_PHASE_SECONDS: dict[str, float] = {}
+
+
+def capture_trl_phase_times() -> dict[str, float]:
+    """Hook TRL's profiling contexts (once); returns the dict they add seconds to, by phase name."""
+    from trl.extras import profiling
+
+    cls = profiling.ProfilingContext
+    if not getattr(cls, "_grpo_captures_phases", False):
+        original = cls._log_metrics
+
+        def _log_metrics(self, duration: float) -> None:
+            phase = self.name.split(".", 1)[-1]  # "GRPOTrainer.vLLM.generate" -> "vLLM.generate"
+            _PHASE_SECONDS[phase] = _PHASE_SECONDS.get(phase, 0.0) + duration
+            original(self, duration)
+
+        cls._log_metrics = _log_metrics
+        cls._grpo_captures_phases = True
+    return _PHASE_SECONDS
+
+
 def _cpu_sync_weights(generation) -> None:
     """vLLM's CPU backend repacks linear weights after loading, so TRL's per-tensor `load_weights`
     fails ('Parameter' object has no attribute 'weight_loader'). Reload the full set through the

@@ -214,6 +214,9 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+_IMPORTED_AT = time.perf_counter()  # ≈ process start: the trainer's start-up time is measured from here
+
+
 def _callbacks():
     from transformers import TrainerCallback
 
@@ -239,6 +242,31 @@ def _callbacks():
                         float(logs.get("step_time", elapsed)), rate)
 
     return [ProgressLog()]
+
+
+def _phase_times(trainer):
+    """Each optimizer step's time per phase (`time/vLLM.generate`, `time/sync_weights`,
+    `time/_prepare_inputs` = rollout + rewards, …) and `time/startup`, logged like TRL's own metrics
+    (averaged per logging interval), so W&B, DVC plots and log_history.json show where a step goes."""
+    from transformers import TrainerCallback
+
+    from pipeline import compat
+
+    seconds = compat.capture_trl_phase_times()
+    metrics = trainer._metrics["train"]  # TRL's per-interval metrics: GRPOTrainer.log averages them
+
+    class PhaseTimes(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seconds.clear()
+            metrics["time/startup"].append(time.perf_counter() - _IMPORTED_AT)
+            logger.info("trainer ready %.1f s after start (model load, vLLM engine)", metrics["time/startup"][-1])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            for phase, total in seconds.items():
+                metrics[f"time/{phase}"].append(total)
+            seconds.clear()
+
+    return PhaseTimes()
 
 
 def _dvclive(live_dir: Path, resume: bool):
@@ -314,6 +342,7 @@ def train(params: Params) -> Path:
         callbacks=[*plot_callbacks, *_callbacks()],
     )
     compat.patch_vllm_colocate(trainer, on_gpu=gpu)
+    trainer.add_callback(_phase_times(trainer))
     if params.train.log_completions and "wandb" in report_to:
         compat.patch_completions_table()
 

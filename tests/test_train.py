@@ -96,6 +96,21 @@ def test_vllm_colocate_rollouts_agree_with_the_trainer(workspace, model):
     differences = _metric_series(ws, "vl", "sampling/sampling_logp_difference/mean")
     assert differences[0] < 0.01, differences
     assert (ws.root / "outputs" / "vl" / "adapter" / "adapter_model.safetensors").is_file()
+    _assert_phase_split(ws, "vl")
+
+
+def _assert_phase_split(ws, run_id: str) -> None:
+    """Each step's time is split into phases (rollout, weight sync, the rest) in log_history.json."""
+    import json
+
+    history = json.loads((ws.root / "outputs" / run_id / "train_logs" / "log_history.json").read_text())
+    steps = [entry for entry in history if "step_time" in entry]
+    assert steps and steps[0]["time/startup"] > 0
+    assert all("time/startup" not in entry for entry in steps[1:])
+    for entry in steps:
+        generate, prepare = entry["time/vLLM.generate"], entry["time/_prepare_inputs"]
+        assert 0 < generate <= prepare <= entry["step_time"] * 1.01, entry
+        assert entry["time/sync_weights"] > 0 or entry is steps[0], entry
 
 
 def test_double_image_expansion_workaround_is_still_needed(workspace):
