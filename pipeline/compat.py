@@ -94,6 +94,34 @@ def patch_completions_table() -> bool:
     return True
 
 
+# transformers 5.x: Qwen2.5-VL's vision tower names `patch_embed` as an input embedding
+# (`_input_embed_layer`), so `enable_input_require_grads()`, which TRL and peft call for an adapter
+# with gradient checkpointing, hooks it too. The frozen vision tower's output then requires grad and
+# every backward pass runs (and under checkpointing recomputes) all 32 vision blocks although nothing
+# in them trains: 5.1 s of training per step on 7B shapes vs 1.5 s without (docs/performance.md).
+# Qwen3-VL's vision model declares no input embedding and is not affected. Not reported upstream yet.
+def keep_frozen_vision_out_of_backward(model) -> list[str]:
+    """Drop the require-grad hook from each vision tower that has no trainable parameter; returns
+    the towers it was removed from. Gradients reaching the adapter are unchanged (tests/test_train.py)."""
+    cleared = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] != "visual" or not hasattr(module, "get_input_embeddings"):
+            continue
+        if any(parameter.requires_grad for parameter in module.parameters()):
+            continue  # a vision tower that trains needs its gradients
+        try:
+            embeddings = module.get_input_embeddings()
+        except NotImplementedError:  # Qwen3-VL: no input embedding, so no hook either
+            continue
+        hooks = getattr(embeddings, "_forward_hooks", {})
+        for key in [k for k, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]:
+            del hooks[key]
+            cleared.append(name)
+    for name in cleared:
+        logger.info("workaround: frozen vision tower %s kept out of the backward pass", name)
+    return cleared
+
+
 # TRL times its phases (vLLM.generate, sync_weights, _prepare_inputs, compute_loss, each reward)
 # but sends the timings only to W&B, MLflow or Trackio, one call at a time. We add them up here so
 # the trainer can log a per-step split to every logger, log_history.json and DVC plots included.
@@ -163,18 +191,15 @@ def patch_vllm_colocate(trainer, on_gpu: bool) -> list[str]:
     return applied
 
 
-def shutdown_vllm(trainer) -> None:
-    """Shut the colocated engine down before interpreter exit.
+def shutdown_llm(llm) -> None:
+    """Shut a `vllm.LLM` engine down now instead of leaving it to the garbage collector.
 
-    Left to the garbage collector, vLLM's teardown at exit aborted the process on the H100
-    (`terminate called without an active exception`, exit 134) after a successful run; DVC then
-    marks the stage failed.
+    Left to the garbage collector, vLLM's teardown at interpreter exit aborted the process on the
+    H100 (`terminate called without an active exception`, exit 134) after a successful run; DVC then
+    marks the stage failed. Used for the train stage's colocated engine and for the evaluation and
+    inference engines (pipeline/generation.py); a later engine in the same process starts cleanly.
     """
-    generation = getattr(trainer, "vllm_generation", None)
-    llm = getattr(generation, "llm", None)
-    if llm is None:
-        return
-    llm = getattr(llm, "_llm", llm)
+    llm = getattr(llm, "_llm", llm)  # CollapsingLLM
     try:
         engine = llm.llm_engine
         engine_core = getattr(engine, "engine_core", None)
@@ -182,7 +207,6 @@ def shutdown_vllm(trainer) -> None:
             engine_core.shutdown()
     except Exception as error:  # noqa: BLE001 - best effort at the end of a successful run
         logger.warning("vLLM shutdown: %s", error)
-    generation.llm = None
     try:
         import torch.distributed as dist
 
@@ -190,3 +214,13 @@ def shutdown_vllm(trainer) -> None:
             dist.destroy_process_group()
     except Exception as error:  # noqa: BLE001
         logger.warning("process group shutdown: %s", error)
+
+
+def shutdown_vllm(trainer) -> None:
+    """Shut the trainer's colocated engine down before interpreter exit (see `shutdown_llm`)."""
+    generation = getattr(trainer, "vllm_generation", None)
+    llm = getattr(generation, "llm", None)
+    if llm is None:
+        return
+    generation.llm = None
+    shutdown_llm(llm)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.modeling import cpu_vllm_environment, on_gpu, vllm_installed
 from pipeline.params import Params, load_params_or_exit
 
 logger = logging.getLogger("pipeline.train")
@@ -33,16 +33,6 @@ LANGUAGE_MODEL_PATTERN = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.({m
 
 def lora_target_regex(modules: list[str]) -> str:
     return LANGUAGE_MODEL_PATTERN.format(modules="|".join(re.escape(m) for m in modules))
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()  # true on ROCm builds too
 
 
 def run_dirs(params: Params) -> dict[str, Path]:
@@ -284,19 +274,6 @@ def _dvclive(live_dir: Path, resume: bool):
     return live, [DVCLiveCallback(live=live, log_model=None)]
 
 
-def _cpu_vllm_environment() -> None:
-    """vLLM's CPU backend: a KV cache size of its own (the default fraction counts the trainer's
-    memory and fails), in-process engine (start 1 s, not 12 s), caches inside the workspace."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # vLLM drops the process to one torch thread unless OMP_NUM_THREADS is set; training needs them all
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    cache = Path(".cache").resolve()
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(cache / "vllm-rpc"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
-    Path(os.environ["VLLM_RPC_BASE_PATH"]).mkdir(parents=True, exist_ok=True)
-
-
 def train(params: Params) -> Path:
     from datasets import load_dataset
     from trl import GRPOTrainer
@@ -314,7 +291,7 @@ def train(params: Params) -> Path:
     if params.train.use_vllm and not use_vllm:
         logger.warning("vLLM is not installed: rollouts use transformers generate (slower)")
     if use_vllm and not gpu:
-        _cpu_vllm_environment()
+        cpu_vllm_environment()
         compat.use_fp32_vllm_on_cpu()
         if params.train.vllm_enable_sleep_mode:
             logger.info("vLLM sleep mode is a GPU feature: running without it on this CPU machine")
@@ -342,6 +319,7 @@ def train(params: Params) -> Path:
         callbacks=[*plot_callbacks, *_callbacks()],
     )
     compat.patch_vllm_colocate(trainer, on_gpu=gpu)
+    compat.keep_frozen_vision_out_of_backward(trainer.model)
     trainer.add_callback(_phase_times(trainer))
     if params.train.log_completions and "wandb" in report_to:
         compat.patch_completions_table()

@@ -74,11 +74,53 @@ def test_lora_targets_only_the_language_model(tiny_model_dir):
     assert trainable and all("lora_" in n and "visual" not in n for n in trainable)
 
 
+def _adapter_grads(model_dir: Path, fix: bool) -> tuple[bool, dict]:
+    """One forward + backward of a LoRA model prepared as TRL does for gradient checkpointing."""
+    import torch
+    from peft import get_peft_model
+    from PIL import Image
+
+    from pipeline import compat, modeling
+    from pipeline.train import build_lora_config
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(modeling.load_model(str(model_dir)), build_lora_config(parse_params(demo_params("g"))))
+    peft_model.enable_input_require_grads()
+    if fix:
+        assert compat.keep_frozen_vision_out_of_backward(peft_model)
+    processor = modeling.load_processor(str(model_dir))
+    seen = {}
+    peft_model.base_model.model.model.visual.register_forward_hook(
+        lambda module, args, output: seen.update(vision=output.pooler_output.requires_grad))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.new("RGB", (64, 48), "red")], return_tensors="pt")
+    peft_model(**inputs).logits.float().pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    return seen["vision"], grads
+
+
+def test_frozen_vision_tower_stays_out_of_the_backward_pass(tiny_model_dir):
+    """compat.keep_frozen_vision_out_of_backward: same adapter gradients, no backward through the
+    vision tower. The first assert fails once transformers stops hooking Qwen2.5-VL's patch_embed:
+    then drop the workaround."""
+    import torch
+
+    vision_in_graph, expected = _adapter_grads(tiny_model_dir, fix=False)
+    assert vision_in_graph, "transformers no longer makes the frozen vision tower require grad"
+    vision_in_graph, grads = _adapter_grads(tiny_model_dir, fix=True)
+    assert not vision_in_graph
+    assert grads.keys() == expected.keys() and any(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+
+
 @pytest.mark.parametrize("model", TINY_KINDS)
 def test_transformers_rollouts_train_and_log(workspace, model):
     ws = workspace("hf", model__name_or_path=f"assets/embedded/{model}", train__use_vllm=False,
-                   train__max_steps=2, train__save_steps=1)
-    ws.run("pipeline.train")
+                   train__max_steps=2, train__save_steps=1, train__gradient_checkpointing=True)
+    result = ws.run("pipeline.train")
+    assert ("frozen vision tower" in result.stderr) == (model == "tiny-qwen2_5_vl")
     run = ws.root / "outputs" / "hf"
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert list((run / "wandb").glob("offline-run-*")), "W&B offline run missing"
