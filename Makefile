@@ -20,73 +20,16 @@ export TOKENIZERS_PARALLELISM := false
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: help setup check embedded demo train repro compare test lint vllm-serve bench bench-gpu infer image shell image-train image-repro
-
-help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
-
-setup:  ## create .venv with the pinned CPU stack (idempotent)
-	@bash scripts/setup_cpu_env.sh
-
-check: setup  ## validate params.yaml (with PRESET=… and RUN_ID=… applied) in a few seconds
-	@$(PYTHON) -m pipeline.params $(if $(PRESET),--preset $(PRESET_FILE)) $(if $(RUN_ID),--set run_id=$(RUN_ID))
-
-embedded: setup  ## build the tiny models and the synthetic dataset under assets/embedded
-	@$(PYTHON) -m pipeline.embedded
-
-# One run = one DVC experiment named after its run id: the committed params.yaml plus the
-# preset's overrides (dvc exp run -S). DVC skips every stage whose inputs did not change.
-RUN = $(PYTHON) -m pipeline.experiments $(if $(NPROC),--set train.num_processes=$(NPROC))
-
-demo: embedded  ## run the whole pipeline on the embedded default (CPU, no Hub)
-	@$(RUN) --run-id demo --preset demo
-	@$(PYTHON) -m pipeline.summary demo
-
-train: setup  ## make train RUN_ID=v1 [PRESET=demo] [NPROC=8]: reproduce the train stage (and what it needs)
-	@test -n "$(RUN_ID)" || { echo "usage: make train RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
-	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
-	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) train
-
-repro: setup  ## make repro RUN_ID=v1 [PRESET=demo]: all four stages for a run
-	@test -n "$(RUN_ID)" || { echo "usage: make repro RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
-	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
-	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET))
-
-compare: setup  ## compare the metrics and params of every run (DVC experiments)
-	@dvc exp show --no-pager --only-changed --drop 'Created|State|Executor' 2>/dev/null || dvc exp show --no-pager
-
-vllm-serve:  ## vLLM server for train.vllm_mode=server, on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…]
-	CUDA_VISIBLE_DEVICES=$(or $(GPUS),0) HIP_VISIBLE_DEVICES=$(or $(GPUS),0) \
-	  trl vllm-serve --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000)
-
-bench: setup  ## CPU benchmarks (reward scoring, prepare); tables in docs/performance.md
-	$(PYTHON) bench/bench_rewards.py
-	$(PYTHON) bench/bench_prepare.py --num-proc 2
-
-bench-gpu:  ## GRPO step time, seed's setup vs tuned, with floors: make bench-gpu [SHAPE=qwen2_5_vl-3b|qwen3_vl-8b]
-	python3 bench/bench_gpu.py --shape $(or $(SHAPE),qwen2_5_vl-7b) --configs A-seed,B-tuned \
-	  --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F).json
-
-test: setup  ## the test suite (CPU, no network)
-	$(PYTHON) -m pytest
-
-lint: setup  ## ruff
-	$(PYTHON) -m ruff check pipeline tests scripts
-
-# Registered runs (or the base model) on your own images; see docs/inference_guide.md.
-infer: setup  ## make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all|base|id,id] [ARGS="--enable_wandb"]
-	@test -n "$(IMAGES)" && test -n "$(PROMPT)" || { echo 'usage: make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all] [ARGS=…]' >&2; exit 2; }
-	@$(PYTHON) -m pipeline.infer --run_id "$(or $(RUN_ID),all)" --image_path "$(IMAGES)" --prompt "$(PROMPT)" --persist_result_local $(ARGS)
-
 # ---- GPU image (docs/containers.md): stage 1 = vLLM base, stage 2 = docker/Dockerfile -----------
-# make image VENDOR=rocm|cuda [FROM_SOURCE=1], then make shell / make image-train RUN_ID=… on the
-# GPU host. The repository is mounted at /workspace; secrets come only from .env at run time.
+# make image [VENDOR=rocm|cuda] [FROM_SOURCE=1] on the GPU host; then the pipeline targets run in it.
+# The repository is mounted at /workspace; secrets come only from .env at run time.
 image_pin        = $(shell sed -n 's/^$(1)=//p' docker/versions.env)
 VLLM_VERSION     = $(call image_pin,VLLM_VERSION)
 ROCM_ARCH        = $(call image_pin,ROCM_ARCH)
 CUDA_TAG_SUFFIX  = $(call image_pin,CUDA_TAG_SUFFIX)
 PROJECT_IMAGE_REPO = $(call image_pin,PROJECT_IMAGE_REPO)
-VENDOR          ?= rocm
+# rocm on AMD hosts (and by default), cuda where nvidia-smi is found
+VENDOR          ?= $(if $(wildcard /dev/kfd),rocm,$(if $(shell command -v nvidia-smi 2>/dev/null),cuda,rocm))
 DOCKER          ?= docker
 GPU_IMAGE       ?= $(PROJECT_IMAGE_REPO):vllm$(VLLM_VERSION)-$(VENDOR)
 VLLM_BASE_ARGS   = --vendor $(VENDOR) --vllm-version $(VLLM_VERSION) --rocm-arch $(ROCM_ARCH) \
@@ -109,7 +52,91 @@ DOCKER_RUN       = $(DOCKER) run --rm --init $(GPU_FLAGS_$(VENDOR)) --ipc=host -
                    -v "$(CURDIR)":/workspace -w /workspace \
                    -v "$(HF_CACHE)":/cache/huggingface -e HF_HOME=/cache/huggingface \
                    $(if $(wildcard $(HOME)/.gitconfig),-v "$(HOME)/.gitconfig":/home/grpo/.gitconfig:ro)
-IMAGE_MAKE_ARGS  = $(if $(PRESET),PRESET=$(PRESET)) $(if $(NPROC),NPROC=$(NPROC))
+
+
+# ---- where the pipeline targets run ----------------------------------------------------------
+# train, repro, evaluate, infer, bench and bench-gpu run inside the GPU image on a GPU host (AMD:
+# /dev/kfd, NVIDIA: nvidia-smi) once `make image` has built it, and natively everywhere else: CPU
+# machines, inside the image itself (GRPO_IN_IMAGE), or when asked with LOCAL=1. IN_IMAGE=1 asks
+# for the image on any host (and says so if it is missing).
+PIPELINE_TARGETS := train repro evaluate infer bench bench-gpu
+GPU_HOST  := $(or $(wildcard /dev/kfd),$(shell command -v nvidia-smi 2>/dev/null))
+USE_IMAGE := $(if $(filter 1,$(LOCAL))$(GRPO_IN_IMAGE),,$(or $(filter 1,$(IN_IMAGE)),$(if $(GPU_HOST),$(shell \
+               $(DOCKER) image inspect $(GPU_IMAGE) >/dev/null 2>&1 && echo 1))))
+shquote   = '$(subst ','"'"',$(1))'
+FORWARD   = $(strip $(foreach v,RUN_ID PRESET NPROC IMAGES PROMPT ARGS SHAPE,$(if $($(v)),$(v)=$(call shquote,$($(v))))))
+
+.PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-gpu infer image shell image-train image-repro
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup:  ## create .venv with the pinned CPU stack (idempotent)
+	@bash scripts/setup_cpu_env.sh
+
+check: setup  ## validate params.yaml (with PRESET=… and RUN_ID=… applied) in a few seconds
+	@$(PYTHON) -m pipeline.params $(if $(PRESET),--preset $(PRESET_FILE)) $(if $(RUN_ID),--set run_id=$(RUN_ID))
+
+embedded: setup  ## build the tiny models and the synthetic dataset under assets/embedded
+	@$(PYTHON) -m pipeline.embedded
+
+# One run = one DVC experiment named after its run id: the committed params.yaml plus the
+# preset's overrides (dvc exp run -S). DVC skips every stage whose inputs did not change.
+RUN = $(PYTHON) -m pipeline.experiments $(if $(NPROC),--set train.num_processes=$(NPROC))
+
+demo: embedded  ## run the whole pipeline on the embedded default (CPU, no Hub)
+	@$(RUN) --run-id demo --preset demo
+	@$(PYTHON) -m pipeline.summary demo
+
+ifneq ($(USE_IMAGE),)
+# On a GPU host with the image: the same command, run by `make` inside the image.
+$(PIPELINE_TARGETS):
+	@$(CHECK_VENDOR)
+	@bash docker/require_docker.sh --image $(GPU_IMAGE)
+	@mkdir -p "$(HF_CACHE)"
+	$(DOCKER_RUN) $(DOCKER_TTY) $(GPU_IMAGE) make $@ $(FORWARD)
+else
+train: setup  ## make train RUN_ID=v1 [PRESET=demo] [NPROC=8]: reproduce the train stage (and what it needs)
+	@test -n "$(RUN_ID)" || { echo "usage: make train RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
+	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
+	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) train
+
+repro: setup  ## make repro RUN_ID=v1 [PRESET=demo]: all four stages for a run
+	@test -n "$(RUN_ID)" || { echo "usage: make repro RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
+	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
+	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET))
+
+evaluate: setup  ## make evaluate RUN_ID=v1 [PRESET=demo]: base vs adapter on the eval split (and what it needs)
+	@test -n "$(RUN_ID)" || { echo "usage: make evaluate RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
+	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
+	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) evaluate
+
+bench: setup  ## CPU benchmarks (reward scoring, prepare); tables in docs/performance.md
+	$(PYTHON) bench/bench_rewards.py
+	$(PYTHON) bench/bench_prepare.py --num-proc 2
+
+bench-gpu:  ## GRPO step time, seed's setup vs tuned, with floors: make bench-gpu [SHAPE=qwen2_5_vl-3b|qwen3_vl-8b]
+	python3 bench/bench_gpu.py --shape $(or $(SHAPE),qwen2_5_vl-7b) --configs A-seed,B-tuned \
+	  --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F).json
+
+# Registered runs (or the base model) on your own images; see docs/inference_guide.md.
+infer: setup  ## make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all|base|id,id] [ARGS="--enable_wandb"]
+	@test -n "$(IMAGES)" && test -n "$(PROMPT)" || { echo 'usage: make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all] [ARGS=…]' >&2; exit 2; }
+	@$(PYTHON) -m pipeline.infer --run_id "$(or $(RUN_ID),all)" --image_path "$(IMAGES)" --prompt "$(PROMPT)" --persist_result_local $(ARGS)
+endif
+
+compare: setup  ## compare the metrics and params of every run (DVC experiments)
+	@dvc exp show --no-pager --only-changed --drop 'Created|State|Executor' 2>/dev/null || dvc exp show --no-pager
+
+vllm-serve:  ## vLLM server for train.vllm_mode=server, on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…]
+	CUDA_VISIBLE_DEVICES=$(or $(GPUS),0) HIP_VISIBLE_DEVICES=$(or $(GPUS),0) \
+	  trl vllm-serve --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000)
+
+test: setup  ## the test suite (CPU, no network)
+	$(PYTHON) -m pytest
+
+lint: setup  ## ruff
+	$(PYTHON) -m ruff check pipeline tests scripts
 
 image:  ## make image [VENDOR=rocm|cuda] [FROM_SOURCE=1]: build the GPU image (vLLM base + project layer)
 	@$(CHECK_VENDOR)
@@ -126,16 +153,8 @@ shell:  ## make shell [VENDOR=rocm|cuda] [GPUS=0,1]: interactive shell in the GP
 	@mkdir -p "$(HF_CACHE)"
 	$(DOCKER_RUN) -it $(GPU_IMAGE) bash
 
-image-train:  ## make image-train RUN_ID=v1 [PRESET=…] [NPROC=8] [VENDOR=…] [GPUS=…]: `make train` inside the GPU image
-	@test -n "$(RUN_ID)" || { echo "usage: make image-train RUN_ID=<id> [PRESET=…] [VENDOR=rocm|cuda]" >&2; exit 2; }
-	@$(CHECK_VENDOR)
-	@bash docker/require_docker.sh --image $(GPU_IMAGE)
-	@mkdir -p "$(HF_CACHE)"
-	$(DOCKER_RUN) $(DOCKER_TTY) $(GPU_IMAGE) make train RUN_ID=$(RUN_ID) $(IMAGE_MAKE_ARGS)
+image-train:  ## make image-train RUN_ID=v1 [PRESET=…] [NPROC=8] [VENDOR=…] [GPUS=…]: `make train` in the GPU image
+	@$(MAKE) --no-print-directory train IN_IMAGE=1
 
-image-repro:  ## make image-repro RUN_ID=v1 [PRESET=…] [VENDOR=…] [GPUS=…]: all four stages inside the GPU image
-	@test -n "$(RUN_ID)" || { echo "usage: make image-repro RUN_ID=<id> [PRESET=…] [VENDOR=rocm|cuda]" >&2; exit 2; }
-	@$(CHECK_VENDOR)
-	@bash docker/require_docker.sh --image $(GPU_IMAGE)
-	@mkdir -p "$(HF_CACHE)"
-	$(DOCKER_RUN) $(DOCKER_TTY) $(GPU_IMAGE) make repro RUN_ID=$(RUN_ID) $(IMAGE_MAKE_ARGS)
+image-repro:  ## make image-repro RUN_ID=v1 [PRESET=…] [VENDOR=…] [GPUS=…]: all four stages in the GPU image
+	@$(MAKE) --no-print-directory repro IN_IMAGE=1

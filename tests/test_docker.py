@@ -69,8 +69,9 @@ def run(cmd: list[str], env: dict | None = None, cwd: Path = REPO, **kwargs) -> 
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, **kwargs)
 
 
-def make_n(*args: str, cwd: Path = REPO) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("VENDOR", "GPUS", "FROM_SOURCE", "MAKEFLAGS")}
+def make_n(*args: str, cwd: Path = REPO, env: dict | None = None) -> str:
+    env = {**{k: v for k, v in os.environ.items() if k not in ("VENDOR", "GPUS", "FROM_SOURCE", "MAKEFLAGS",
+                                                               "GRPO_IN_IMAGE")}, **(env or {})}
     result = run(["make", "--no-print-directory", "-n", *args], env=env, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -441,9 +442,44 @@ def test_make_image_train_runs_make_train_inside_the_image():
         out = make_n("image-train", "RUN_ID=v1", f"VENDOR={vendor}", "PRESET=demo", "NPROC=8")
         line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
         assert flag in line
-        assert re.search(rf"grpo-qwen-vl:vllm[\d.]+-{vendor} make train RUN_ID=v1 PRESET=demo NPROC=8", line), line
+        assert line.endswith(f"grpo-qwen-vl:vllm{pins()['VLLM_VERSION']}-{vendor} make train RUN_ID='v1' "
+                             "PRESET='demo' NPROC='8'"), line
     repro = make_n("image-repro", "RUN_ID=v2")
-    assert re.search(r"-rocm make repro RUN_ID=v2", repro)
+    assert re.search(r"-rocm make repro RUN_ID='v2'$", repro, re.M)
+
+
+def _fake_gpu_host(tmp_path: Path, gpu: bool, image_built: bool) -> dict:
+    """PATH with a stand-in `docker` (answers `image inspect`) and, for a GPU host, `nvidia-smi`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "docker").write_text(f"#!/bin/sh\n[ \"$1 $2\" = 'image inspect' ] && exit {0 if image_built else 1}\nexit 0\n")
+    if gpu:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("target, args", [("train", ["RUN_ID=v1"]), ("repro", ["RUN_ID=v1", "PRESET=gpu-fast"]),
+                                          ("evaluate", ["RUN_ID=v1"]), ("bench", []), ("bench-gpu", ["SHAPE=x"]),
+                                          ("infer", ["IMAGES=imgs", "PROMPT=What's shown?"])])
+def test_pipeline_targets_run_in_the_image_on_a_gpu_host_once_it_is_built(tmp_path, target, args):
+    if Path("/dev/kfd").exists():
+        pytest.skip("an AMD GPU host: the routing is checked with a stand-in nvidia-smi on CPU machines")
+    gpu_host = _fake_gpu_host(tmp_path, gpu=True, image_built=True)
+    out = make_n(target, *args, env=gpu_host)
+    line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
+    assert "--gpus all" in line, "VENDOR defaults to cuda where nvidia-smi is found"
+    forwarded = " ".join(f"{a.split('=', 1)[0]}={shlex.quote(a.split('=', 1)[1])}" for a in args)
+    assert shlex.split(line)[-len(shlex.split(forwarded)) - 2:] == ["make", target, *shlex.split(forwarded)]
+    assert "setup_cpu_env" not in out, "the CPU .venv is not built on the GPU host"
+    # the same command natively: image not built, LOCAL=1, or already inside the image
+    for env, extra in ((_fake_gpu_host(tmp_path / "nobuild", gpu=True, image_built=False), []),
+                       (gpu_host, ["LOCAL=1"]), ({**gpu_host, "GRPO_IN_IMAGE": "1"}, [])):
+        native = make_n(target, *args, *extra, env=env)
+        assert "docker run" not in native and "setup_cpu_env" in native or target == "bench-gpu", native
+    cpu_host = make_n(target, *args, env=_fake_gpu_host(tmp_path / "cpu", gpu=False, image_built=True))
+    assert "docker run" not in cpu_host
 
 
 def test_env_file_is_passed_only_at_run_time_and_only_when_present(tmp_path):
