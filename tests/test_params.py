@@ -40,6 +40,22 @@ def test_demo_preset_validates_over_shipped_params():
     assert params.run_id == "demo" and params.model.name_or_path.startswith("assets/embedded/")
 
 
+def test_gpu_preset_is_what_the_gpu_benchmark_measured():
+    """presets/gpu-fast.yaml over params.yaml = the benchmark's B-tuned over its A (the seed's setup):
+    what docs/performance.md reports is what `make train PRESET=gpu-fast` runs."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_gpu
+
+    shipped = parse_params(apply_overrides(SHIPPED, read_overrides(REPO / "presets" / "gpu-fast.yaml", [])))
+    seed = parse_params(SHIPPED)
+    for key, value in bench_gpu.SEED_SETUP.items():
+        section, name = key.split(".")
+        assert getattr(getattr(seed, section), name) == value, f"params.yaml {key} is not the benchmark's A"
+    for key, value in bench_gpu.TUNED.items():
+        section, name = key.split(".")
+        assert getattr(getattr(shipped, section), name) == value, f"gpu-fast {key} is not the benchmark's B"
+
+
 def _set(raw: dict, dotted: str, value) -> dict:
     raw = copy.deepcopy(raw)
     node = raw
