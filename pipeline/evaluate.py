@@ -1,8 +1,10 @@
 """evaluate stage: base model vs base + the run's adapter on the held-out eval split.
 
-Answers are graded by `pipeline.scoring.is_correct`, the function the correctness reward uses, so
-training and evaluation cannot disagree. Writes metrics (a DVC metric: `dvc metrics diff` compares
-runs) and per-example predictions.
+Answers come from one vLLM engine serving the base model and the adapter (a `LoRARequest`) when
+vLLM is installed, else from batched transformers `generate` (`evaluate.backend`; see
+pipeline/generation.py). They are graded by `pipeline.scoring.is_correct`, the function the
+correctness reward uses, so training and evaluation cannot disagree. Writes metrics (a DVC metric:
+`dvc metrics diff` compares runs) and per-example predictions (with the backend that made them).
 """
 
 from __future__ import annotations
@@ -92,12 +94,7 @@ def build_metrics(summaries: dict[str, dict]) -> dict:
 
 
 def evaluate(params: Params) -> dict:
-    import torch
     from datasets import load_dataset
-    from peft import PeftModel
-
-    from pipeline import modeling
-    from pipeline.generation import generate_batched
 
     eval_file = params.output_dir / "data" / "eval.parquet"
     adapter_dir = params.output_dir / "adapter"
@@ -114,6 +111,61 @@ def evaluate(params: Params) -> dict:
     images = dataset["image"]
     conversations = [row["prompt"] for row in rows]
 
+    backend, generations = generate_both(params, conversations, images, adapter_dir)
+    scored = {name: score_rows(rows, [g.text for g in generations[name]]) for name in MODELS}
+    summaries = {name: {**summarise(scored[name], generations[name]), "by": breakdown(rows, scored[name])}
+                 for name in MODELS}
+    metrics = build_metrics(summaries)
+    _write_predictions(params.output_dir / "eval" / "predictions.jsonl", rows, generations, scored, backend)
+    return metrics
+
+
+def generate_both(params: Params, conversations, images, adapter_dir: Path) -> tuple[str, dict[str, list]]:
+    """Base and adapter answers from one backend (never one from each, so the two are comparable).
+
+    `evaluate.backend: auto` uses vLLM when it is installed and falls back to transformers, saying
+    why, when vLLM cannot start or cannot load the adapter; `vllm` makes either of those an error."""
+    from pipeline.generation import BackendUnavailable, select_backend
+
+    requested = params.evaluate.backend
+    try:
+        backend = select_backend(requested)
+    except BackendUnavailable as error:
+        raise SystemExit(f"evaluate: error: evaluate.backend: {error}") from None
+    logger.info("generation backend: %s (evaluate.backend: %s)", backend, requested)
+    if backend == "vllm":
+        try:
+            return backend, _generate_vllm(params, conversations, images, adapter_dir)
+        except BackendUnavailable as error:
+            if requested == "vllm":
+                raise SystemExit(f"evaluate: error: {error} (evaluate.backend: vllm; "
+                                 "set it to auto or transformers to use transformers generate)") from None
+            logger.warning("%s; evaluating with transformers generate instead (evaluate.backend: auto)", error)
+            backend = "transformers"
+    return backend, _generate_transformers(params, conversations, images, adapter_dir)
+
+
+def _generate_vllm(params: Params, conversations, images, adapter_dir: Path) -> dict[str, list]:
+    """One engine: the base model without a LoRA request, then the adapter with one."""
+    from pipeline.generation import VllmGenerator
+
+    options = dict(max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature)
+    with VllmGenerator(params.model.name_or_path, revision=params.model.revision, dtype=params.model.dtype,
+                       max_model_len=params.model.max_model_len, seed=params.seed,
+                       adapters=[adapter_dir]) as engine:
+        engine.load_adapter(adapter_dir)  # before any answer: a failure here can still fall back whole
+        return {"base": engine.generate(conversations, images, desc="eval base", **options),
+                "adapter": engine.generate(conversations, images, adapter=adapter_dir, desc="eval adapter",
+                                           **options)}
+
+
+def _generate_transformers(params: Params, conversations, images, adapter_dir: Path) -> dict[str, list]:
+    import torch
+    from peft import PeftModel
+
+    from pipeline import modeling
+    from pipeline.generation import generate_batched
+
     processor = modeling.load_processor(params.model.name_or_path, params.model.revision)
     model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
                                 params.model.attn_implementation)
@@ -125,23 +177,18 @@ def evaluate(params: Params) -> dict:
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     generations["adapter"] = generate_batched(model, processor, conversations, images, desc="eval adapter",
                                               **options)
-
-    scored = {name: score_rows(rows, [g.text for g in generations[name]]) for name in MODELS}
-    summaries = {name: {**summarise(scored[name], generations[name]), "by": breakdown(rows, scored[name])}
-                 for name in MODELS}
-    metrics = build_metrics(summaries)
-    _write_predictions(params.output_dir / "eval" / "predictions.jsonl", rows, generations, scored)
-    return metrics
+    return generations
 
 
-def _write_predictions(path: Path, rows, generations, scored) -> None:
+def _write_predictions(path: Path, rows, generations, scored, backend: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for i, row in enumerate(rows):
-            record = {"id": row["id"], "question": row["question"], "gold": row["answer"]}
+            record = {"id": row["id"], "question": row["question"], "gold": row["answer"], "backend": backend}
             for name in MODELS:
-                record[name] = {"prediction": generations[name][i].text, "error": generations[name][i].error,
-                                **scored[name][i]}
+                generation = generations[name][i]
+                record[name] = {"prediction": generation.text, "error": generation.error, **scored[name][i],
+                                "completion_tokens": generation.num_tokens, "prompt_tokens": generation.prompt_tokens}
             f.write(json.dumps(record) + "\n")
 
 

@@ -1,17 +1,40 @@
-"""Batched generation with transformers, shared by evaluation and the inference CLI.
+"""Batched generation shared by evaluation and the inference CLI: vLLM, or transformers `generate`.
 
-A batch that fails is retried row by row, so one bad row costs one answer (reported as an error),
-not the whole evaluation.
+Both backends return the same `Generation` records:
+
+- `VllmGenerator`: one `vllm.LLM` engine per base model, built with LoRA enabled, serves the base
+  model (no LoRA request) and each adapter (a `LoRARequest`, one resident at a time). A whole list
+  of prompts goes to the engine at once and vLLM schedules the batches itself.
+- `generate_batched`: transformers `generate`, `batch_size` prompts at a time, on the model it is
+  given (a peft model for an adapter).
+
+`select_backend` turns `evaluate.backend` (or the CLI's `--backend`) into one of them: `auto` is
+vLLM when it is installed. The two see the same inputs: the prompt is rendered by the processor's
+chat template in both, images are sized by the same saved processor config (vLLM loads the
+processor from the same folder and revision, so a prompt has the same number of image tokens in
+both), an answer ends at the same tokens and is decoded by the same tokenizer call. On the same
+weights greedy answers then agree up to numerics (on CPU both compute in float32).
+
+One bad row costs one answer (reported as an error, counted as failed), not the whole evaluation:
+vLLM takes the requests one at a time, so a row it refuses fails alone, and a batch that fails
+while generating (either backend) is retried row by row.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "vllm", "transformers")
+# Share of GPU memory the evaluation/inference engine may take: it has the GPU to itself (the
+# transformers model is not loaded next to it), with headroom for the CUDA context and processor.
+GPU_MEMORY_UTILIZATION = 0.85
 
 
 @dataclass
@@ -20,6 +43,26 @@ class Generation:
     num_tokens: int = 0
     truncated: bool = False
     error: str | None = None
+    prompt_tokens: int = 0  # prompt length, image tokens included (0 when unknown)
+
+
+class BackendUnavailable(RuntimeError):
+    """vLLM cannot serve this model or adapter here; the message says why."""
+
+
+def select_backend(requested: str) -> str:
+    """`auto` → vLLM when it is installed, else transformers; `vllm` without vLLM is an error."""
+    from pipeline.modeling import vllm_installed
+
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown generation backend {requested!r}; expected one of {', '.join(BACKENDS)}")
+    if requested == "transformers":
+        return "transformers"
+    if vllm_installed():
+        return "vllm"
+    if requested == "vllm":
+        raise BackendUnavailable("backend 'vllm' was requested but vLLM is not installed")
+    return "transformers"
 
 
 def _chat_texts(processor, conversations: Sequence[list[dict]]) -> list[str]:
@@ -35,6 +78,34 @@ def _chat_texts(processor, conversations: Sequence[list[dict]]) -> list[str]:
     return texts
 
 
+def _stop_token_ids(tokenizer) -> set[int]:
+    """An answer ends at the end-of-turn token or at padding, whichever comes first, in both backends."""
+    return {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+
+
+def _log_throughput(desc: str, backend: str, results: Sequence[Generation], elapsed: float) -> None:
+    tokens = sum(r.num_tokens for r in results)
+    failed = sum(r.text is None for r in results)
+    logger.info("%s [%s]: %d rows, %d tokens in %.1f s (%.2f rows/s, %.1f tokens/s)%s", desc, backend, len(results),
+                tokens, elapsed, len(results) / elapsed if elapsed else 0.0, tokens / elapsed if elapsed else 0.0,
+                f"; {failed} failed" if failed else "")
+
+
+def _error_text(error: BaseException) -> str:
+    """`Type: first line`, and the root cause's when there is one (vLLM wraps processor errors)."""
+    def one(e: BaseException) -> str:
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return one(error) if cause is error else f"{one(error)} (cause: {one(cause)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------------
 def _generate(model, processor, texts, images, max_new_tokens, temperature) -> list[Generation]:
     import torch
 
@@ -46,18 +117,21 @@ def _generate(model, processor, texts, images, max_new_tokens, temperature) -> l
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                 **sampling)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
     results = []
-    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    for row in new_tokens.tolist():
-        length = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+    stop_ids = _stop_token_ids(tokenizer)
+    for row, prompt_length in zip(new_tokens.tolist(), prompt_lengths, strict=True):
+        length = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
         text = tokenizer.decode(row[:length], skip_special_tokens=True)
-        results.append(Generation(text=text, num_tokens=length, truncated=length >= max_new_tokens))
+        results.append(Generation(text=text, num_tokens=length, truncated=length >= max_new_tokens,
+                                  prompt_tokens=int(prompt_length)))
     return results
 
 
 def generate_batched(model, processor, conversations: Sequence[list[dict]], images: Sequence, *,
                      max_new_tokens: int, temperature: float = 0.0, batch_size: int = 8,
                      desc: str = "generate") -> list[Generation]:
+    """transformers `generate`, `batch_size` rows per call; a failing batch is retried row by row."""
     from tqdm.auto import tqdm
 
     texts = _chat_texts(processor, conversations)
@@ -75,10 +149,186 @@ def generate_batched(model, processor, conversations: Sequence[list[dict]], imag
                     try:
                         results += _generate(model, processor, [text], [image], max_new_tokens, temperature)
                     except Exception as row_error:  # noqa: BLE001
-                        results.append(Generation(text=None, error=f"{type(row_error).__name__}: {row_error}"))
+                        results.append(Generation(text=None, error=_error_text(row_error)))
             bar.update(len(chunk_texts))
-    elapsed = time.perf_counter() - started
-    tokens = sum(r.num_tokens for r in results)
-    logger.info("%s: %d rows, %d tokens in %.1f s (%.1f tokens/s)", desc, len(results), tokens, elapsed,
-                tokens / elapsed if elapsed else 0.0)
+    _log_throughput(desc, "transformers", results, time.perf_counter() - started)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM
+# ---------------------------------------------------------------------------------------------
+def adapter_rank(adapter: str | Path) -> int:
+    """The largest LoRA rank in an adapter folder (its `r`, or a larger one in `rank_pattern`)."""
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    return max([int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+
+
+def max_lora_rank(adapters: Sequence[str | Path]) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that fits every adapter (vLLM allows a fixed set)."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    ranks = []
+    for adapter in adapters:
+        try:
+            ranks.append(adapter_rank(adapter))
+        except (OSError, ValueError, TypeError):  # unreadable: `load_adapter` reports it for that adapter
+            continue
+    needed = max(ranks, default=1)
+    allowed = sorted(get_args(MaxLoRARanks))
+    fitting = [rank for rank in allowed if rank >= needed]
+    if not fitting:
+        raise BackendUnavailable(f"LoRA rank {needed} is above vLLM's largest max_lora_rank ({allowed[-1]})")
+    return fitting[0]
+
+
+class VllmGenerator:
+    """One vLLM engine for a base model; serves the base and any number of LoRA adapters.
+
+        with VllmGenerator(model, max_model_len=..., seed=..., adapters=[a, b]) as engine:
+            engine.load_adapter(a)                       # fails here, alone, if vLLM cannot load it
+            base = engine.generate(conversations, images, max_new_tokens=64)
+            tuned = engine.generate(conversations, images, max_new_tokens=64, adapter=a)
+
+    `adapters` sizes the engine's LoRA slots (`max_lora_rank`); one adapter is resident at a time
+    (`max_loras=1`: each generate call uses one). On CPU the engine runs in this process, in
+    float32, with the environment of `modeling.cpu_vllm_environment`. `close()` (or leaving the
+    `with` block) shuts it down: left to the garbage collector, vLLM's teardown at exit can abort
+    the process (see `compat.shutdown_llm`).
+    """
+
+    def __init__(self, model: str, *, revision: str = "main", dtype: str = "auto", max_model_len: int,
+                 seed: int = 0, adapters: Sequence[str | Path] = (),
+                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION):
+        from pipeline import modeling
+
+        gpu = modeling.on_gpu()
+        if not gpu:
+            modeling.cpu_vllm_environment()
+        # the chat template and tokenizer of the transformers path; raises ModelNotAvailableError
+        self.processor = modeling.load_processor(model, revision)
+        self.model = model
+        self._lora_ids: dict[str, int] = {}
+        options = dict(model=model, revision=revision, tokenizer_revision=revision, dtype=modeling.vllm_dtype(dtype),
+                       max_model_len=max_model_len, limit_mm_per_prompt={"image": 1}, seed=seed)
+        if adapters:
+            options.update(enable_lora=True, max_lora_rank=max_lora_rank(adapters), max_loras=1)
+        if gpu:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+        started = time.perf_counter()
+        try:
+            from vllm import LLM
+
+            self.llm = LLM(**options)
+        except Exception as error:  # noqa: BLE001 - reported with its cause; the caller decides
+            raise BackendUnavailable(f"the vLLM engine for {model!r} did not start ({_error_text(error)})") from error
+        logger.info("vLLM engine for %s ready in %.1f s (dtype %s, max_model_len %d%s)", model,
+                    time.perf_counter() - started, options["dtype"], max_model_len,
+                    f", LoRA rank up to {options['max_lora_rank']}" if adapters else ", no LoRA")
+
+    def __enter__(self) -> VllmGenerator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        from pipeline import compat
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            compat.shutdown_llm(llm)
+
+    def _lora_request(self, adapter: str | Path):
+        from vllm.lora.request import LoRARequest
+
+        path = str(Path(adapter).resolve())
+        if path not in self._lora_ids:
+            self._lora_ids[path] = len(self._lora_ids) + 1
+        lora_id = self._lora_ids[path]
+        return LoRARequest(f"adapter-{lora_id}", lora_id, path)
+
+    def load_adapter(self, adapter: str | Path) -> None:
+        """Load an adapter into the engine now, so one vLLM cannot serve fails here, on its own,
+        not halfway through a batch (where the failure would also take down the other rows)."""
+        try:
+            self.llm.llm_engine.add_lora(self._lora_request(adapter))
+        except Exception as error:  # noqa: BLE001 - vLLM raises ValueError, its own LoRA errors, ...
+            raise BackendUnavailable(f"vLLM cannot load the adapter {adapter} ({_error_text(error)})") from error
+
+    def generate(self, conversations: Sequence[list[dict]], images: Sequence, *, max_new_tokens: int,
+                 temperature: float = 0.0, adapter: str | Path | None = None,
+                 desc: str = "generate") -> list[Generation]:
+        """All rows through the engine at once: every request is submitted before the engine runs,
+        so vLLM batches them as one `LLM.generate` call would (that call is exactly these two
+        halves: enqueue, then wait for completion). Submitting one request at a time makes a row
+        vLLM refuses (an image its processor rejects, a prompt over max_model_len) fail on its own;
+        if the run itself fails, the rows are retried one by one."""
+        from tqdm.auto import tqdm
+        from vllm import SamplingParams
+
+        texts = _chat_texts(self.processor, conversations)
+        requests = [{"prompt": text, "multi_modal_data": {"image": image}}
+                    for text, image in zip(texts, images, strict=True)]
+        sampling = SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature,
+                                  stop_token_ids=sorted(_stop_token_ids(self.processor.tokenizer)))
+        lora = self._lora_request(adapter) if adapter is not None else None
+        logger.info("%s [vllm]: %d rows%s", desc, len(requests), f", adapter {adapter}" if adapter else "")
+        started = time.perf_counter()
+        results: list[Generation | None] = [None] * len(requests)
+        queued: list[tuple[int, str]] = []  # (row, vLLM request id), in submission order
+        for row, request in enumerate(tqdm(requests, desc=f"{desc}: submit", unit="row")):
+            try:
+                queued += [(row, request_id) for request_id in
+                           self.llm.enqueue([request], sampling, lora_request=lora, use_tqdm=False)]
+            except Exception as error:  # noqa: BLE001 - this row only
+                logger.warning("%s: row %d refused by vLLM (%s)", desc, row, _error_text(error))
+                results[row] = Generation(text=None, error=_error_text(error))
+        try:
+            self._complete(queued, results, progress=True)
+        except Exception as batch_error:  # noqa: BLE001 - isolate the bad row(s)
+            logger.warning("%s: the vLLM batch failed (%s); retrying row by row", desc, _error_text(batch_error))
+            for row, _ in queued:
+                try:
+                    resubmitted = self.llm.enqueue([requests[row]], sampling, lora_request=lora, use_tqdm=False)
+                    self._complete([(row, request_id) for request_id in resubmitted], results, progress=False)
+                except Exception as row_error:  # noqa: BLE001
+                    results[row] = Generation(text=None, error=_error_text(row_error))
+        done = [r if r is not None else Generation(text=None, error="no output from vLLM") for r in results]
+        _log_throughput(desc, "vllm", done, time.perf_counter() - started)
+        return done
+
+    def _complete(self, queued: list[tuple[int, str]], results: list, progress: bool) -> None:
+        """Run the engine until every queued request is done; outputs come sorted by request, as queued."""
+        if not queued:
+            return
+        try:
+            outputs = self.llm.wait_for_completion(use_tqdm=progress)
+            if len(outputs) != len(queued):
+                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(queued)} requests")
+        except Exception:
+            self._recover([request_id for _, request_id in queued])
+            raise
+        for (row, _), output in zip(queued, outputs, strict=True):
+            results[row] = self._record(output)
+
+    def _recover(self, request_ids: list[str]) -> None:
+        """After an error inside an engine step: drop the requests, which would otherwise be scheduled
+        again by every later call, and the caches they half-filled (without the encoder-cache reset
+        the next request with the same image fails with 'Encoder cache miss')."""
+        self.llm.llm_engine.abort_request(request_ids, internal=True)
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+
+    def _record(self, output) -> Generation:
+        completion = output.outputs[0]
+        token_ids = list(completion.token_ids)
+        # a stop token (end of turn, padding) is the last token id but not part of the answer,
+        # as in the transformers path; stop_reason is None for the EOS token, the id for the others
+        if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str) and token_ids:
+            token_ids = token_ids[:-1]
+        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Generation(text=text, num_tokens=len(token_ids), truncated=completion.finish_reason == "length",
+                          prompt_tokens=len(output.prompt_token_ids or ()))

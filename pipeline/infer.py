@@ -8,11 +8,14 @@ CLI reads no YAML of its own. For each run the adapter is taken from its local f
 there, else from its recorded Hub revision. DVC experiments keep only the last run's outputs in
 the working copy; for another run the error says how to bring it back (`dvc exp apply <run_id>`).
 
-Every image of a run goes through one `generate_batched` call (chunked by `--batch_size`), the
-base model is loaded once per distinct base and each run's adapter is attached to it with peft, so
-ten runs over fifty images cost one model load and ten batched generations, not five hundred calls.
-Images get the preprocessing the run was trained with (recorded in the registry), so answers are
-comparable with the run's evaluation.
+Every image of a run goes through one batched generate call, and each distinct base model is
+loaded once: with vLLM (`--backend auto` when it is installed, the default from `evaluate.backend`)
+one engine per base model serves the base and every run's adapter as a `LoRARequest`, each run's
+images in one engine call; with transformers (`--backend transformers`, or no vLLM) the model is
+loaded once and each run's adapter is attached to it with peft, images in chunks of `--batch_size`.
+Either way ten runs over fifty images cost one model load and ten batched generations, not five
+hundred calls. Images get the preprocessing the run was trained with (recorded in the registry),
+so answers are comparable with the run's evaluation.
 
 A bad image or an unknown run is reported for that item and the rest carry on; the exit code is 1
 when anything failed, 2 for bad parameters or arguments.
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import prompts, registry
+from pipeline.generation import BACKENDS, BackendUnavailable, select_backend
 from pipeline.params import OUTPUT_ROOT, PARAMS_FILE, Params, load_params_or_exit
 
 logger = logging.getLogger("pipeline.infer")
@@ -83,6 +87,7 @@ class Result:
     truncated: bool = False
     adapter: str | None = None
     error: str | None = None
+    backend: str | None = None  # vllm or transformers: what generated the response
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +288,10 @@ def score(text: str | None) -> tuple[str | None, bool]:
 
 
 def run_inference(targets: list[RunTarget], images: list[ImageSource], params: Params, args) -> list[Result]:
-    """Group runs by base model: one load per base, the base run first (before any adapter is attached)."""
-    from pipeline.generation import generate_batched
+    """Group runs by base model: one model (or vLLM engine) per base, the base run before its adapters.
 
+    With vLLM a run whose adapter the engine cannot load falls back to transformers under
+    `--backend auto` (the reason is logged) and is reported as failed under `--backend vllm`."""
     usable = [image for image in images if image.data is not None]
     groups: dict[tuple[str, str], list[RunTarget]] = {}
     for target in targets:
@@ -294,40 +300,113 @@ def run_inference(targets: list[RunTarget], images: list[ImageSource], params: P
     results: list[Result] = []
     if not usable:
         return results
-    conversation = prompts.conversation(prompts.user_text(args.prompt), args.system_prompt)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size)
-    cache: dict[tuple, list] = {}  # preprocessing rules → [(source, image or error)], shared by the runs
-    reported: set[str] = set()  # an unusable image is reported once, not once per run
+    job = _Job(usable, params, args, prompts.conversation(prompts.user_text(args.prompt), args.system_prompt),
+               results)
     for (base_model, revision), members in groups.items():
         members.sort(key=lambda t: t.adapter is not None)  # stable: the base model before adapters
-        try:
-            model, processor = _load_base(base_model, revision, params)
-        except Exception as error:  # noqa: BLE001 - one unavailable base must not stop the other groups
-            message = f"cannot load base model {base_model!r}: {str(error).strip().splitlines()[0][:300]}"
-            results += [Result(t.run_id, None, error=message) for t in members]
-            continue
-        peft_model, loaded = None, None
-        for index, target in enumerate(members):
+        if args.generation_backend == "vllm":
+            members = _run_group_vllm(base_model, revision, members, job)
+        if members:
+            _run_group_transformers(base_model, revision, members, job)
+    return results
+
+
+@dataclass
+class _Job:
+    """What every run of one invocation shares: images, prompt, options, and the results so far."""
+
+    usable: list[ImageSource]
+    params: Params
+    args: Any
+    conversation: list[dict]
+    results: list[Result]
+    cache: dict[tuple, list] = field(default_factory=dict)  # preprocessing rules → [(source, image, error)]
+    reported: set[str] = field(default_factory=set)  # an unusable image is reported once, not once per run
+
+    def add(self, target: RunTarget, prepared: list[ImageSource], generations, backend: str) -> None:
+        for source, generation in zip(prepared, generations, strict=True):
+            answer, format_ok = score(generation.text)
+            self.results.append(Result(target.run_id, source.source, generation.text, answer, format_ok,
+                                       generation.num_tokens, generation.truncated, target.adapter_source,
+                                       generation.error, backend))
+
+
+def _base_error(base_model: str, error: Exception) -> str:
+    return f"cannot load base model {base_model!r}: {str(error).strip().splitlines()[0][:300]}"
+
+
+def _run_group_vllm(base_model: str, revision: str, members: list[RunTarget], job: _Job) -> list[RunTarget]:
+    """One engine for the base model and all its runs' adapters; returns the runs left for transformers."""
+    from pipeline.generation import VllmGenerator
+
+    strict = job.args.backend == "vllm"
+    adapters = [t.adapter for t in members if t.adapter is not None]
+    try:
+        engine = VllmGenerator(base_model, revision=revision, dtype=job.params.model.dtype,
+                               max_model_len=job.params.model.max_model_len, seed=job.params.seed,
+                               adapters=adapters)
+    except BackendUnavailable as error:
+        if strict:
+            job.results.extend(Result(t.run_id, None, adapter=t.adapter_source, error=f"{error} (--backend vllm)")
+                               for t in members)
+            return []
+        logger.warning("%s; runs %s use transformers generate instead", error, ", ".join(t.run_id for t in members))
+        return members
+    except Exception as error:  # noqa: BLE001 - the model itself is unavailable: transformers cannot help
+        job.results.extend(Result(t.run_id, None, error=_base_error(base_model, error)) for t in members)
+        return []
+    fallback: list[RunTarget] = []
+    with engine:
+        for target in members:
             if target.adapter is not None:
                 try:
-                    peft_model, loaded = _attach(model, peft_model, loaded, target.adapter, f"run{index}")
-                except Exception as error:  # noqa: BLE001
-                    results.append(Result(target.run_id, None, adapter=target.adapter_source,
-                                          error=f"cannot load adapter {target.adapter_source}: {error}"))
+                    engine.load_adapter(target.adapter)
+                except BackendUnavailable as error:
+                    if strict:
+                        job.results.append(Result(target.run_id, None, adapter=target.adapter_source,
+                                                  error=f"{error} (--backend vllm)"))
+                    else:
+                        logger.warning("%s: %s; this run uses transformers generate instead", target.run_id, error)
+                        fallback.append(target)
                     continue
-            prepared, batch_images = _prepare_images(usable, target, params, results, cache, reported)
+            prepared, batch_images = _prepare_images(target, job)
             if not prepared:
                 continue
-            generations = generate_batched(peft_model if target.adapter else model, processor,
-                                           [conversation] * len(prepared), batch_images,
-                                           desc=f"infer {target.run_id}", **options)
-            for source, generation in zip(prepared, generations, strict=True):
-                answer, format_ok = score(generation.text)
-                results.append(Result(target.run_id, source.source, generation.text, answer, format_ok,
-                                      generation.num_tokens, generation.truncated, target.adapter_source,
-                                      generation.error))
-        del model, peft_model
-    return results
+            generations = engine.generate([job.conversation] * len(prepared), batch_images,
+                                          max_new_tokens=job.args.max_new_tokens, temperature=job.args.temperature,
+                                          adapter=target.adapter, desc=f"infer {target.run_id}")
+            job.add(target, prepared, generations, "vllm")
+    return fallback
+
+
+def _run_group_transformers(base_model: str, revision: str, members: list[RunTarget], job: _Job) -> None:
+    """The base model loaded once; each run's adapter attached to it with peft in turn."""
+    from pipeline import generation
+
+    try:
+        model, processor = _load_base(base_model, revision, job.params)
+    except Exception as error:  # noqa: BLE001 - one unavailable base must not stop the other groups
+        job.results.extend(Result(t.run_id, None, error=_base_error(base_model, error)) for t in members)
+        return
+    options = dict(max_new_tokens=job.args.max_new_tokens, temperature=job.args.temperature,
+                   batch_size=job.args.batch_size)
+    peft_model, loaded = None, None
+    for index, target in enumerate(members):
+        if target.adapter is not None:
+            try:
+                peft_model, loaded = _attach(model, peft_model, loaded, target.adapter, f"run{index}")
+            except Exception as error:  # noqa: BLE001
+                job.results.append(Result(target.run_id, None, adapter=target.adapter_source,
+                                          error=f"cannot load adapter {target.adapter_source}: {error}"))
+                continue
+        prepared, batch_images = _prepare_images(target, job)
+        if not prepared:
+            continue
+        generations = generation.generate_batched(peft_model if target.adapter else model, processor,
+                                                  [job.conversation] * len(prepared), batch_images,
+                                                  desc=f"infer {target.run_id}", **options)
+        job.add(target, prepared, generations, "transformers")
+    del model, peft_model
 
 
 def _load_base(name_or_path: str, revision: str, params: Params):
@@ -358,25 +437,24 @@ def _attach(model, peft_model, loaded: str | None, adapter: str, name: str):
     return peft_model, name
 
 
-def _prepare_images(usable: list[ImageSource], target: RunTarget, params: Params, results: list[Result],
-                    cache: dict, reported: set[str]):
-    rules = image_rules(target.preprocessing, params)
+def _prepare_images(target: RunTarget, job: _Job):
+    rules = image_rules(target.preprocessing, job.params)
     key = (rules.factor, rules.min_pixels, rules.max_pixels, rules.max_aspect_ratio, rules.uniform_size)
-    if key not in cache:
-        cache[key] = []
-        for source in usable:
+    if key not in job.cache:
+        job.cache[key] = []
+        for source in job.usable:
             try:
-                cache[key].append((source, prepare_image(source.data, rules), None))
+                job.cache[key].append((source, prepare_image(source.data, rules), None))
             except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
-                cache[key].append((source, None, str(error)))
+                job.cache[key].append((source, None, str(error)))
     prepared, batch_images = [], []
-    for source, image, error in cache[key]:
+    for source, image, error in job.cache[key]:
         if error is None:
             prepared.append(source)
             batch_images.append(image)
-        elif source.source not in reported:
-            reported.add(source.source)
-            results.append(Result(None, source.source, error=error))
+        elif source.source not in job.reported:
+            job.reported.add(source.source)
+            job.results.append(Result(None, source.source, error=error))
     return prepared, batch_images
 
 
@@ -423,7 +501,7 @@ def persist(results: list[Result], args, stamp: str, root: Path = RESULTS_ROOT) 
         f"- prompt: {_md(args.prompt)}",
         f"- system prompt: {_md(args.system_prompt)}",
         f"- generation: max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, "
-        f"batch size {args.batch_size}",
+        f"batch size {args.batch_size}, backend {', '.join(sorted({r.backend for r in results if r.backend})) or '—'}",
         f"- {len(ok)} responses, {len(problems)} problems; machine-readable: `{jsonl.name}`",
         "",
         "| run | image | answer | format followed | response |",
@@ -481,7 +559,10 @@ def build_parser(params: Params | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=defaults.temperature if defaults else 0.0,
                         help="0 = greedy")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size if defaults else 8,
-                        help="images per generate call")
+                        help="images per generate call (transformers backend; vLLM batches by itself)")
+    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend if defaults else "auto",
+                        help="auto: vLLM (one engine per base model, adapters as LoRA requests) when installed, "
+                             "else transformers generate")
     parser.add_argument("--enable_wandb", action="store_true",
                         help="log a W&B table run × image × response (offline without WANDB_API_KEY)")
     parser.add_argument("--persist_result_local", action="store_true",
@@ -511,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --temperature must be >= 0 and --url_timeout > 0", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.generation_backend = select_backend(args.backend)
+    except BackendUnavailable as error:
+        print(f"error: --backend: {error}", file=sys.stderr)
+        return 2
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
     targets = resolve_runs(args.run_id, params)
@@ -522,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("%s: %s", target.run_id, target.warning)
     runnable = [t for t in targets if t.error is None]
     usable = [i for i in images if i.data is not None]
-    logger.info("%d run(s) × %d image(s): %s", len(runnable), len(usable), ", ".join(t.run_id for t in runnable))
+    logger.info("%d run(s) × %d image(s): %s; generation backend %s (--backend %s)", len(runnable), len(usable),
+                ", ".join(t.run_id for t in runnable), args.generation_backend, args.backend)
     results = run_inference(runnable, images, params, args) if runnable and usable else []
     order = {t.run_id: i for i, t in enumerate(targets)}
     results.sort(key=lambda r: order.get(r.run_id, len(order)))  # stable: images keep their order

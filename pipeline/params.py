@@ -155,8 +155,10 @@ class LoraParams(_Section):
 class EvaluateParams(_Section):
     max_new_tokens: PositiveInt = 512
     temperature: Annotated[float, Field(ge=0.0)] = 0.0
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = 8  # transformers backend only: vLLM schedules its own batches
     max_rows: PositiveInt | None = None
+    # auto: vLLM (one engine, the adapter as a LoRARequest) when installed, else transformers generate
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
 
 
 class TrackingParams(_Section):

@@ -81,3 +81,81 @@ def test_report_matches_the_metrics(tmp_path, metrics, monkeypatch):
     assert "(no output: boom)" in (tmp_path / "docs" / "sample_outputs" / "r1.md").read_text()
     csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
     assert csv_rows[0] == "group,model,value" and "overall: accuracy,adapter,0.75" in csv_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage on the tiny model: vLLM (one engine, the adapter as a LoRARequest) vs transformers
+# ---------------------------------------------------------------------------------------------
+BAD_ROW = "bad-image"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, embedded_root, prepared_data):
+    """The demo preset's run, trained for real (transformers rollouts: no vLLM engine to start, about
+    40 s), plus one eval row whose image no Qwen processor takes (aspect ratio 333 > 200)."""
+    import shutil
+
+    from conftest import Workspace, demo_params
+
+    ws = Workspace(tmp_path_factory.mktemp("evaluate"), embedded_root)
+    ws.write_params(demo_params("ev", train__use_vllm=False))
+    shutil.copytree(prepared_data, ws.root / "outputs" / "ev" / "data")
+    ws.run("pipeline.train")
+    _add_unusable_row(ws.root / "outputs" / "ev" / "data" / "eval.parquet")
+    return ws
+
+
+def _add_unusable_row(path) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(path)
+    row = table.slice(0, 1).to_pylist()[0]
+    buffer = io.BytesIO()
+    Image.new("RGB", (1000, 3), (255, 255, 255)).save(buffer, format="PNG")
+    row.update(id=BAD_ROW, image={"bytes": buffer.getvalue(), "path": None})
+    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist([row], schema=table.schema)]), path)
+
+
+def _evaluate(ws, backend: str) -> tuple[str, dict, list[dict]]:
+    from conftest import demo_params
+
+    ws.write_params(demo_params("ev", train__use_vllm=False, evaluate__backend=backend))
+    result = ws.run("pipeline.evaluate")  # exit 0: the vLLM engine is shut down before the interpreter exits
+    eval_dir = ws.root / "outputs" / "ev" / "eval"
+    predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    return result.stderr, json.loads((eval_dir / "metrics.json").read_text()), predictions
+
+
+def test_vllm_and_transformers_backends_agree_on_a_trained_adapter(trained):
+    """Same prompts, image sizes, stop tokens and decoding in both backends, so on CPU (float32 in
+    both) greedy answers agree but for numerical near-ties: at least 90% of rows per model, strict
+    format rates within 0.05. The bad row fails alone in both."""
+    log, vllm_metrics, vllm_rows = _evaluate(trained, "auto")
+    assert "generation backend: vllm (evaluate.backend: auto)" in log
+    assert "vLLM engine for assets/embedded/tiny-qwen2_5_vl ready" in log and "LoRA rank up to 16" in log
+    assert "eval adapter [vllm]" in log and "rows/s" in log
+    log, hf_metrics, hf_rows = _evaluate(trained, "transformers")
+    assert "generation backend: transformers (evaluate.backend: transformers)" in log and "[vllm]" not in log
+
+    assert {row["backend"] for row in vllm_rows} == {"vllm"} and {row["backend"] for row in hf_rows} == {"transformers"}
+    assert [row["id"] for row in vllm_rows] == [row["id"] for row in hf_rows]
+    good = [i for i, row in enumerate(vllm_rows) if row["id"] != BAD_ROW]
+    for name in ("base", "adapter"):
+        for rows, metrics in ((vllm_rows, vllm_metrics), (hf_rows, hf_metrics)):
+            bad = next(row[name] for row in rows if row["id"] == BAD_ROW)
+            assert bad["prediction"] is None and "aspect ratio" in bad["error"], bad
+            assert metrics[name]["failed_generations"] == 1 and metrics[name]["rows"] == len(vllm_rows)
+            assert all(rows[i][name]["prediction"] for i in good)
+        # same image size in both: identical prompt lengths, image tokens included
+        assert all(vllm_rows[i][name]["prompt_tokens"] == hf_rows[i][name]["prompt_tokens"] > 0 for i in good)
+        agree = sum(vllm_rows[i][name]["prediction"] == hf_rows[i][name]["prediction"] for i in good)
+        assert agree >= 0.9 * len(good), (name, agree, len(good))
+        assert abs(vllm_metrics[name]["strict_format"] - hf_metrics[name]["strict_format"]) <= 0.05
+    # the LoRA request is applied: the adapter's answers differ from the base's and follow the format
+    changed = sum(vllm_rows[i]["adapter"]["prediction"] != vllm_rows[i]["base"]["prediction"] for i in good)
+    assert changed >= 0.8 * len(good), changed
+    assert vllm_metrics["adapter"]["strict_format"] >= vllm_metrics["base"]["strict_format"] + 0.3

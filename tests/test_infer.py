@@ -66,7 +66,10 @@ def _fake_eval_parquet(path: Path, images: dict[str, bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, embedded_root) -> Path:
-    """Runs `demo` and `v2` registered with adapters; params_gone.yaml's registry adds `gone` (no adapter)."""
+    """Runs `demo` and `v2` registered with adapters; params_gone.yaml's registry adds `gone` (no adapter).
+
+    Its params pick the transformers backend (`evaluate.backend`), so the CLI tests below start no
+    vLLM engine; `test_vllm_backend_*` asks for vLLM with `--backend vllm`."""
     from pipeline import publish
 
     root = tmp_path_factory.mktemp("infer")
@@ -77,8 +80,8 @@ def ws(tmp_path_factory, embedded_root) -> Path:
             raw = demo_params(run_id)
             _make_adapter(base, root / "outputs" / run_id / "adapter", seed)
             publish.publish(parse_params(raw))
-        Workspace(root, embedded_root).write_params(demo_params("demo"))
-        gone = demo_params("demo", publish__registry_file="registry_gone.json")
+        Workspace(root, embedded_root).write_params(demo_params("demo", evaluate__backend="transformers"))
+        gone = demo_params("demo", publish__registry_file="registry_gone.json", evaluate__backend="transformers")
         (root / "params_gone.yaml").write_text(yaml.safe_dump(gone, sort_keys=False))
         shutil.copy(root / "registry.json", root / "registry_gone.json")
         registry.upsert("registry_gone.json", "gone", {**registry.get("registry.json", "v2"),
@@ -145,6 +148,45 @@ def test_all_runs_batched_with_failures_reported_per_item(in_ws, monkeypatch, ca
     assert [r["response"] for r in _records(in_ws)] == by_run["v2"]
 
 
+@pytest.fixture
+def restore_environ():
+    """An in-process vLLM engine sets its CPU environment (cpu_vllm_environment); later tests must not inherit it."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_vllm_backend_serves_base_and_adapters_from_one_engine(in_ws, caplog, restore_environ):
+    """--backend vllm: one engine for the base model and both runs' adapters (LoRA requests of rank 4,
+    saved by peft with a regex over the language model). Prompts, image sizes, stop tokens and
+    decoding are the transformers path's, so on CPU (float32 in both) greedy answers agree but for
+    numerical near-ties: at least 8 of the 9 run × image answers."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    common = ["--run_id", "demo,v2,base", "--image_path", "images_in", "--prompt", PROMPT, "--max_new_tokens", "12",
+              "--persist_result_local"]
+    assert infer.main([*common, "--backend", "transformers"]) == 0
+    reference = {(r["run_id"], r["image"]): r for r in _records(in_ws)}
+    assert {r["backend"] for r in reference.values()} == {"transformers"}
+
+    assert infer.main([*common, "--backend", "vllm"]) == 0
+    records = _records(in_ws)
+    assert caplog.text.count("vLLM engine for") == 1 and "LoRA rank up to 8" in caplog.text
+    assert all(f"infer {run} [vllm]: 3 rows" in caplog.text for run in ("demo", "v2", "base"))  # one call per run
+    assert {r["backend"] for r in records} == {"vllm"} and not any(r["error"] for r in records)
+    responses = {(r["run_id"], r["image"]): r["response"] for r in records}
+    assert responses.keys() == reference.keys()
+    agree = sum(responses[key] == reference[key]["response"] for key in responses)
+    assert agree >= 8, [(key, responses[key], reference[key]["response"]) for key in responses]
+    by_run = {run: [responses[key] for key in sorted(responses) if key[0] == run] for run in ("demo", "v2", "base")}
+    assert by_run["demo"] != by_run["base"] and by_run["v2"] != by_run["demo"]  # each LoRA request applied
+    assert "backend vllm" in (in_ws / "outputs" / "inference" / f"{_records_stem(in_ws)}.md").read_text()
+
+
 def _records_stem(root: Path) -> str:
     latest = sorted((root / "outputs" / "inference").glob("*.jsonl"), key=lambda p: p.stat().st_mtime_ns)[-1]
     return latest.stem
@@ -161,6 +203,10 @@ def test_entry_point_exit_codes_without_loading_a_model(ws):
                           "--prompt", PROMPT, "--batch_size", "0"], cwd=ws, capture_output=True, text=True,
                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert bad.returncode == 2 and "--batch_size must be positive" in bad.stderr
+    engine = subprocess.run([sys.executable, "-m", "pipeline.infer", "--run_id", "demo", "--image_path", "x",
+                             "--prompt", PROMPT, "--backend", "tensorrt"], cwd=ws, capture_output=True, text=True,
+                            timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert engine.returncode == 2 and "--backend: invalid choice: 'tensorrt'" in engine.stderr
 
 
 def test_missing_adapter_with_hub_revision_says_how_to_restore(in_ws):

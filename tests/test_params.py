@@ -31,6 +31,7 @@ def test_shipped_params_are_the_real_experiment(tmp_path):
     assert params.train.use_vllm and params.train.vllm_mode == "colocate"
     assert params.train.vllm_gpu_memory_utilization == 0.7 and params.train.vllm_enable_sleep_mode
     assert params.tracking.wandb_project == "grpo"
+    assert params.evaluate.backend == "auto"  # vLLM when installed (the GPU image has it), else transformers
     assert str(params.output_dir) == f"outputs/{params.run_id}"
 
 
@@ -82,6 +83,7 @@ MALFORMED = [
     ("train.use_vllm", "yes", "train.use_vllm", "boolean"),
     ("train.vllm_mode", "remote", "train.vllm_mode", "colocate"),
     ("train.learning_rte", 1e-5, "train.learning_rte", "unknown key"),
+    ("evaluate.backend", "tensorrt", "evaluate.backend", "'auto', 'vllm' or 'transformers'"),
     ("lora.r", 0, "lora.r", "greater than 0"),
     ("rewards.not_a_reward", 1.0, "rewards", "unknown reward"),
     ("run_id", "../escape", "run_id", "letters, digits"),
@@ -99,7 +101,7 @@ def test_malformed_params_name_the_key(key, value, named, reason):
     assert f": {named}" in message and reason in message, message
 
 
-@pytest.mark.parametrize(("key", "value", "named", "reason"), MALFORMED[:10], ids=[m[0] for m in MALFORMED[:10]])
+@pytest.mark.parametrize(("key", "value", "named", "reason"), MALFORMED[:11], ids=[m[0] for m in MALFORMED[:11]])
 def test_cli_exits_2_with_one_line_per_problem_and_no_heavy_import(tmp_path, key, value, named, reason):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(_set(SHIPPED, key, value)))
