@@ -98,8 +98,9 @@ def patch_completions_table() -> bool:
 # (`_input_embed_layer`), so `enable_input_require_grads()`, which TRL and peft call for an adapter
 # with gradient checkpointing, hooks it too. The frozen vision tower's output then requires grad and
 # every backward pass runs (and under checkpointing recomputes) all 32 vision blocks although nothing
-# in them trains: 5.1 s of training per step on 7B shapes vs 1.5 s without (docs/performance.md).
-# Qwen3-VL's vision model declares no input embedding and is not affected. Not reported upstream yet.
+# in them trains. Small at 448×448 images (7B shapes, H100: training phase 5.07 → 4.89 s per step,
+# docs/performance.md); it grows with image size. Qwen3-VL's vision model declares no input
+# embedding and is not affected. Not reported upstream yet.
 def keep_frozen_vision_out_of_backward(model) -> list[str]:
     """Drop the require-grad hook from each vision tower that has no trainable parameter; returns
     the towers it was removed from. Gradients reaching the adapter are unchanged (tests/test_train.py)."""
