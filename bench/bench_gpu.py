@@ -289,6 +289,31 @@ def run(name: str, params: dict, work: Path, warmup: int) -> dict:
             "peak_gpu_gib": round(memory.peak_mib / 1024, 1), **phase_split(history, warmup, completions)}
 
 
+def run_evaluations(run_dir: Path, params: dict, rows: int, backends: list[str]) -> list[dict]:
+    """The evaluate stage on a trained run (base and adapter, `rows` eval rows), once per backend:
+    vLLM (one engine, the adapter as a LoRARequest) against batched transformers generate."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    results = []
+    for backend in backends:
+        params = {**params, "evaluate": {**params["evaluate"], "max_rows": rows, "backend": backend}}
+        (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        started = time.perf_counter()
+        with (run_dir / f"evaluate-{backend}.log").open("w") as log, GpuMemory() as memory:
+            result = subprocess.run([sys.executable, "-m", "pipeline.evaluate"], cwd=run_dir, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - started
+        metrics_file = run_dir / "outputs" / params["run_id"] / "eval" / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if result.returncode == 0 else {}
+        tokens = sum(metrics[m]["mean_completion_tokens"] * metrics[m]["rows"] for m in ("base", "adapter")
+                     if m in metrics)
+        results.append({"backend": backend, "exit_code": result.returncode, "wall_s": round(wall, 1),
+                        "rows": rows, "tokens": round(tokens), "tokens_per_s_wall": round(tokens / wall),
+                        "peak_gpu_gib": round(memory.peak_mib / 1024, 1)})
+        print(json.dumps({"evaluate": results[-1]}), flush=True)
+    return results
+
+
 COLUMNS = [("config", "config", "{}"), ("exit", "exit_code", "{}"), ("s/step", "step_s", "{:.2f}"),
            ("rollout s", "rollout_s", "{:.2f}"), ("sync s", "sync_s", "{:.2f}"), ("train s", "train_s", "{:.2f}"),
            ("other s", "other_s", "{:.2f}"), ("rollout tok/s", "rollout_tokens_s", "{}"),
@@ -319,6 +344,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
+    parser.add_argument("--evaluate", type=int, default=0, metavar="ROWS",
+                        help="then time the evaluate stage on the last config's adapter, vLLM vs transformers")
+    parser.add_argument("--eval-tokens", type=int, default=256, help="max_new_tokens for --evaluate")
     args = parser.parse_args()
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
@@ -343,6 +371,13 @@ def main() -> None:
                                             "steps": args.steps, "warmup": args.warmup, "results": results},
                                            indent=2) + "\n")
     print_table(args.shape, floors, results)
+    if args.evaluate:
+        params["evaluate"]["max_new_tokens"] = args.eval_tokens
+        evaluations = run_evaluations(args.work / args.shape / names[-1], params, args.evaluate,
+                                      ["vllm", "transformers"])
+        if args.out:
+            report = json.loads(args.out.read_text())
+            args.out.write_text(json.dumps({**report, "evaluate": evaluations}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

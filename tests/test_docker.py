@@ -452,7 +452,8 @@ def _fake_gpu_host(tmp_path: Path, gpu: bool, image_built: bool) -> dict:
     """PATH with a stand-in `docker` (answers `image inspect`) and, for a GPU host, `nvidia-smi`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    (bin_dir / "docker").write_text(f"#!/bin/sh\n[ \"$1 $2\" = 'image inspect' ] && exit {0 if image_built else 1}\nexit 0\n")
+    inspect_status = 0 if image_built else 1
+    (bin_dir / "docker").write_text(f"#!/bin/sh\n[ \"$1 $2\" = 'image inspect' ] && exit {inspect_status}\nexit 0\n")
     if gpu:
         (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
     for tool in bin_dir.iterdir():
