@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -207,6 +208,10 @@ class VllmGenerator:
         gpu = modeling.on_gpu()
         if not gpu:
             modeling.cpu_vllm_environment()
+        else:
+            # vLLM runs its engine core in a child process; forked after this process touched CUDA, it
+            # fails ("Cannot re-initialize CUDA in forked subprocess", seen on the H100)
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         # the chat template and tokenizer of the transformers path; raises ModelNotAvailableError
         self.processor = modeling.load_processor(model, revision)
         self.model = model
