@@ -102,9 +102,11 @@ def patch_completions_table() -> bool:
 # docs/performance.md); it grows with image size. Qwen3-VL's vision model declares no input
 # embedding and is not affected. Not reported upstream yet.
 def keep_frozen_vision_out_of_backward(model) -> list[str]:
-    """Drop the require-grad hook from each vision tower that has no trainable parameter; returns
-    the towers it was removed from. Gradients reaching the adapter are unchanged (tests/test_train.py)."""
-    cleared = []
+    """For each vision tower with no trainable parameter: drop the require-grad hook on its input
+    layer, and hide that layer from `enable_input_require_grads`, which `Trainer.train()` and TRL's
+    rollouts call again (each call would add the hook back). Returns the towers changed. Gradients
+    reaching the adapter are unchanged (tests/test_train.py)."""
+    changed = []
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] != "visual" or not hasattr(module, "get_input_embeddings"):
             continue
@@ -112,15 +114,20 @@ def keep_frozen_vision_out_of_backward(model) -> list[str]:
             continue  # a vision tower that trains needs its gradients
         try:
             embeddings = module.get_input_embeddings()
-        except NotImplementedError:  # Qwen3-VL: no input embedding, so no hook either
+        except NotImplementedError:  # Qwen3-VL (or already done): no input embedding, so no hook
             continue
         hooks = getattr(embeddings, "_forward_hooks", {})
         for key in [k for k, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]:
             del hooks[key]
-            cleared.append(name)
-    for name in cleared:
+        module.get_input_embeddings = _no_input_embeddings  # enable_input_require_grads skips it
+        changed.append(name)
+    for name in changed:
         logger.info("workaround: frozen vision tower %s kept out of the backward pass", name)
-    return cleared
+    return changed
+
+
+def _no_input_embeddings():
+    raise NotImplementedError("frozen vision tower: kept out of the backward pass (pipeline.compat)")
 
 
 # TRL times its phases (vLLM.generate, sync_weights, _prepare_inputs, compute_loss, each reward)

@@ -88,6 +88,9 @@ def _adapter_grads(model_dir: Path, fix: bool) -> tuple[bool, dict]:
     peft_model.enable_input_require_grads()
     if fix:
         assert compat.keep_frozen_vision_out_of_backward(peft_model)
+        # Trainer.train() and each TRL rollout enable checkpointing again, which re-adds the hooks
+        peft_model.gradient_checkpointing_enable()
+        peft_model.gradient_checkpointing_enable()
     processor = modeling.load_processor(str(model_dir))
     seen = {}
     peft_model.base_model.model.model.visual.register_forward_hook(
