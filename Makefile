@@ -58,11 +58,18 @@ DOCKER_RUN       = $(DOCKER) run --rm --init $(GPU_FLAGS_$(VENDOR)) --ipc=host -
 # train, repro, evaluate, infer, bench and bench-gpu run inside the GPU image on a GPU host (AMD:
 # /dev/kfd, NVIDIA: nvidia-smi) once `make image` has built it, and natively everywhere else: CPU
 # machines, inside the image itself (GRPO_IN_IMAGE), or when asked with LOCAL=1. IN_IMAGE=1 asks
-# for the image on any host (and says so if it is missing).
+# for the image on any host (and says so if it is missing). On a GPU host without the image they stop.
 PIPELINE_TARGETS := train repro evaluate infer bench bench-gpu
 GPU_HOST  := $(or $(wildcard /dev/kfd),$(shell command -v nvidia-smi 2>/dev/null))
 USE_IMAGE := $(if $(filter 1,$(LOCAL))$(GRPO_IN_IMAGE),,$(or $(filter 1,$(IN_IMAGE)),$(if $(GPU_HOST),$(shell \
                $(DOCKER) image inspect $(GPU_IMAGE) >/dev/null 2>&1 && echo 1))))
+# A GPU host without the image: say so rather than install the CPU stack and train on CPU.
+ifneq ($(filter $(PIPELINE_TARGETS),$(MAKECMDGOALS)),)
+ifneq ($(if $(filter 1,$(LOCAL))$(GRPO_IN_IMAGE)$(USE_IMAGE),,$(GPU_HOST)),)
+$(error this is a GPU host ($(GPU_HOST)) but the image $(GPU_IMAGE) is not built or docker cannot reach it: \
+  run `make image` (VENDOR=$(VENDOR)), or LOCAL=1 to run natively with your own environment)
+endif
+endif
 shquote   = '$(subst ','"'"',$(1))'
 FORWARD   = $(strip $(foreach v,RUN_ID PRESET NPROC IMAGES PROMPT ARGS SHAPE,$(if $($(v)),$(v)=$(call shquote,$($(v))))))
 

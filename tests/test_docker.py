@@ -69,9 +69,16 @@ def run(cmd: list[str], env: dict | None = None, cwd: Path = REPO, **kwargs) -> 
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, **kwargs)
 
 
+ROUTING_VARIABLES = ("VENDOR", "GPUS", "FROM_SOURCE", "MAKEFLAGS", "GRPO_IN_IMAGE", "LOCAL", "IN_IMAGE")
+
+
+def _clean_env() -> dict:
+    """The caller's environment without the variables that decide where `make` runs things."""
+    return {k: v for k, v in os.environ.items() if k not in ROUTING_VARIABLES}
+
+
 def make_n(*args: str, cwd: Path = REPO, env: dict | None = None) -> str:
-    env = {**{k: v for k, v in os.environ.items() if k not in ("VENDOR", "GPUS", "FROM_SOURCE", "MAKEFLAGS",
-                                                               "GRPO_IN_IMAGE")}, **(env or {})}
+    env = {**_clean_env(), **(env or {})}
     result = run(["make", "--no-print-directory", "-n", *args], env=env, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -474,13 +481,18 @@ def test_pipeline_targets_run_in_the_image_on_a_gpu_host_once_it_is_built(tmp_pa
     forwarded = " ".join(f"{a.split('=', 1)[0]}={shlex.quote(a.split('=', 1)[1])}" for a in args)
     assert shlex.split(line)[-len(shlex.split(forwarded)) - 2:] == ["make", target, *shlex.split(forwarded)]
     assert "setup_cpu_env" not in out, "the CPU .venv is not built on the GPU host"
-    # the same command natively: image not built, LOCAL=1, or already inside the image
-    for env, extra in ((_fake_gpu_host(tmp_path / "nobuild", gpu=True, image_built=False), []),
-                       (gpu_host, ["LOCAL=1"]), ({**gpu_host, "GRPO_IN_IMAGE": "1"}, [])):
+    # natively with LOCAL=1, inside the image, and on a CPU machine
+    for env, extra in ((gpu_host, ["LOCAL=1"]), ({**gpu_host, "GRPO_IN_IMAGE": "1"}, []),
+                       (_fake_gpu_host(tmp_path / "cpu", gpu=False, image_built=True), [])):
         native = make_n(target, *args, *extra, env=env)
-        assert "docker run" not in native and "setup_cpu_env" in native or target == "bench-gpu", native
-    cpu_host = make_n(target, *args, env=_fake_gpu_host(tmp_path / "cpu", gpu=False, image_built=True))
-    assert "docker run" not in cpu_host
+        assert "docker run" not in native, native
+        if target != "bench-gpu":  # the GPU benchmark runs in whatever python is there
+            assert "setup_cpu_env" in native, native
+    # a GPU host without the image stops with what to do, before installing or training anything
+    no_image = {**_clean_env(), **_fake_gpu_host(tmp_path / "nobuild", gpu=True, image_built=False)}
+    result = run(["make", "--no-print-directory", "-n", target, *args], env=no_image)
+    assert result.returncode == 2 and not result.stdout, result.stdout
+    assert "run `make image`" in result.stderr and "LOCAL=1" in result.stderr
 
 
 def test_env_file_is_passed_only_at_run_time_and_only_when_present(tmp_path):
@@ -526,8 +538,7 @@ def _path_without_docker() -> str:
     ],
 )
 def test_fails_early_and_clearly_without_docker(cmd):
-    env = {**os.environ, "PATH": _path_without_docker()}
-    env.pop("MAKEFLAGS", None)
+    env = {**_clean_env(), "PATH": _path_without_docker()}
     result = run(cmd, env=env)
     assert result.returncode != 0
     assert "'docker' was not found on PATH" in result.stderr
