@@ -124,7 +124,7 @@ bench: setup  ## CPU benchmarks (reward scoring, prepare); tables in docs/perfor
 
 bench-gpu:  ## GRPO step time, seed's setup vs tuned, with floors: make bench-gpu [SHAPE=qwen2_5_vl-3b|qwen3_vl-8b]
 	python3 bench/bench_gpu.py --shape $(or $(SHAPE),qwen2_5_vl-7b) --configs A-seed,B-tuned \
-	  --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F).json
+	  --work .cache/bench-gpu --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F-%H%M).json
 
 # Registered runs (or the base model) on your own images; see docs/inference_guide.md.
 infer: setup  ## make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all|base|id,id] [ARGS="--enable_wandb"]

@@ -71,6 +71,7 @@ TUNED = {
     "train.vllm_gpu_memory_utilization": 0.28, "train.vllm_max_model_length": 2048,
     "train.gradient_checkpointing": False, "train.per_device_train_batch_size": 4,
     "train.gradient_accumulation_steps": 4,
+    "model.max_model_len": 2048,  # = vllm_max_model_length (params require it); prepare only, not timed
 }
 CONFIGS = {
     "A-seed": SEED_SETUP,
@@ -170,19 +171,21 @@ def build_dataset(out: Path, rows: int = 256) -> Path:
 
 
 class GpuMemory:
-    """Peak GPU memory of the whole device (vLLM's pool included), sampled by nvidia-smi."""
+    """Peak memory of the whole device (vLLM's pool and every process included), sampled every
+    0.5 s with `torch.cuda.mem_get_info`: the same on ROCm and CUDA, no vendor tool needed."""
 
-    def __init__(self):
+    def __init__(self, device: int = 0):
+        self.device = device
         self.peak_mib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self):
+        import torch
+
         while not self._stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip():
-                self.peak_mib = max(self.peak_mib, int(out.stdout.split()[0]))
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.peak_mib = max(self.peak_mib, (total - free) // (1 << 20))
             time.sleep(0.5)
 
     def __enter__(self):
@@ -222,7 +225,7 @@ def phase_split(history: list[dict], warmup: int, completions_per_step: int) -> 
     rollout = _median(timed, "time/vLLM.generate")
     sync = _median(timed, "time/sync_weights") or 0.0
     prepare = _median(timed, "time/_prepare_inputs")
-    completion_tokens = _median(timed, "completions/mean_length") * completions_per_step
+    completion_tokens = (_median(timed, "completions/mean_length") or 0) * completions_per_step
     tokens = [e.get("num_tokens") for e in steps]
     tokens_per_step = (tokens[-1] - tokens[warmup - 1]) / len(timed) if warmup and tokens[-1] else None
     train = step - prepare if prepare is not None else None
@@ -348,6 +351,8 @@ def main() -> None:
                         help="then time the evaluate stage on the last config's adapter, vLLM vs transformers")
     parser.add_argument("--eval-tokens", type=int, default=256, help="max_new_tokens for --evaluate")
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps <= args.warmup:
+        parser.error("need --warmup >= 1 (vLLM compiles its first shapes) and --steps > --warmup")
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

@@ -185,6 +185,19 @@ def max_lora_rank(adapters: Sequence[str | Path]) -> int:
     return fitting[0]
 
 
+def _fit_context(model: str, revision: str, max_model_len: int) -> int:
+    """params' max_model_len, capped at the checkpoint's own context: vLLM refuses a longer one, and
+    the inference CLI serves registered runs whose base models may differ from params.yaml's."""
+    from transformers import AutoConfig
+
+    text_config = AutoConfig.from_pretrained(model, revision=revision).get_text_config()
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit and limit < max_model_len:
+        logger.info("vLLM context %d (the model's max_position_embeddings) instead of %d", limit, max_model_len)
+        return limit
+    return max_model_len
+
+
 class VllmGenerator:
     """One vLLM engine for a base model; serves the base and any number of LoRA adapters.
 
@@ -214,6 +227,7 @@ class VllmGenerator:
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         # the chat template and tokenizer of the transformers path; raises ModelNotAvailableError
         self.processor = modeling.load_processor(model, revision)
+        max_model_len = _fit_context(model, revision, max_model_len)
         self.model = model
         self._lora_ids: dict[str, int] = {}
         options = dict(model=model, revision=revision, tokenizer_revision=revision, dtype=modeling.vllm_dtype(dtype),

@@ -216,6 +216,17 @@ class Params(_Section):
                 raise ValueError(f"weight of {name!r} must be a finite number")
         return weights
 
+    @model_validator(mode="after")
+    def _vllm_context_holds_the_prompts(self) -> Params:
+        # prepare keeps prompts up to model.max_model_len - max_completion_length; a smaller vLLM
+        # context would let such a prompt through and stop the run at its first rollout
+        vllm_context = self.train.vllm_max_model_length
+        if vllm_context is not None and vllm_context < self.model.max_model_len:
+            raise ValueError(f"train.vllm_max_model_length ({vllm_context}) is below model.max_model_len "
+                             f"({self.model.max_model_len}): set model.max_model_len to {vllm_context} too, so "
+                             "prepare drops the prompts that would not fit vLLM's context")
+        return self
+
     @property
     def output_dir(self) -> Path:
         return OUTPUT_ROOT / self.run_id

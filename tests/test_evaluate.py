@@ -159,3 +159,14 @@ def test_vllm_and_transformers_backends_agree_on_a_trained_adapter(trained):
     changed = sum(vllm_rows[i]["adapter"]["prediction"] != vllm_rows[i]["base"]["prediction"] for i in good)
     assert changed >= 0.8 * len(good), changed
     assert vllm_metrics["adapter"]["strict_format"] >= vllm_metrics["base"]["strict_format"] + 0.3
+
+
+def test_vllm_context_is_capped_at_the_checkpoints_own(tiny_model_dir):
+    """A registered run's base may allow less context than params.yaml's max_model_len; vLLM would refuse it."""
+    from transformers import AutoConfig
+
+    from pipeline.generation import _fit_context
+
+    limit = AutoConfig.from_pretrained(str(tiny_model_dir)).get_text_config().max_position_embeddings
+    assert _fit_context(str(tiny_model_dir), "main", limit * 8) == limit
+    assert _fit_context(str(tiny_model_dir), "main", limit // 4) == limit // 4

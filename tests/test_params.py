@@ -55,6 +55,8 @@ def test_gpu_preset_is_what_the_gpu_benchmark_measured():
     for key, value in bench_gpu.TUNED.items():
         section, name = key.split(".")
         assert getattr(getattr(shipped, section), name) == value, f"gpu-fast {key} is not the benchmark's B"
+    changed = {key for key, value in bench_gpu.TUNED.items() if bench_gpu.SEED_SETUP.get(key, object()) != value}
+    assert set(read_overrides(REPO / "presets" / "gpu-fast.yaml", [])) == changed, "a setting the benchmark never ran"
 
 
 def _set(raw: dict, dotted: str, value) -> dict:
@@ -90,6 +92,7 @@ MALFORMED = [
     ("data.eval_fraction", 1.0, "data.eval_fraction", "less than 1"),
     ("model.min_pixels", 10**9, "model", "exceeds max_pixels"),
     ("publish.push_to_hub", True, "publish", "hub_repo_id"),
+    ("train.vllm_max_model_length", 2048, "train.vllm_max_model_length", "model.max_model_len"),
 ]
 
 
