@@ -41,22 +41,26 @@ def test_demo_preset_validates_over_shipped_params():
     assert params.run_id == "demo" and params.model.name_or_path.startswith("assets/embedded/")
 
 
-def test_gpu_preset_is_what_the_gpu_benchmark_measured():
-    """presets/gpu-fast.yaml over params.yaml = the benchmark's B-tuned over its A (the seed's setup):
-    what docs/performance.md reports is what `make train PRESET=gpu-fast` runs."""
+@pytest.mark.parametrize(("preset", "config"), [("gpu-fast", "B-tuned"), ("gpu-fast-qwen3-vl-8b", "B-micro2")])
+def test_gpu_presets_are_what_the_gpu_benchmark_measured(preset, config):
+    """A GPU preset's train settings over params.yaml = the benchmark's B over its A (the seed's
+    setup): what docs/performance.md reports is what `make train PRESET=…` runs."""
     sys.path.insert(0, str(REPO / "bench"))
     import bench_gpu
 
-    shipped = parse_params(apply_overrides(SHIPPED, read_overrides(REPO / "presets" / "gpu-fast.yaml", [])))
+    overrides = read_overrides(REPO / "presets" / f"{preset}.yaml", [])
+    shipped = parse_params(apply_overrides(SHIPPED, overrides))
     seed = parse_params(SHIPPED)
     for key, value in bench_gpu.SEED_SETUP.items():
         section, name = key.split(".")
         assert getattr(getattr(seed, section), name) == value, f"params.yaml {key} is not the benchmark's A"
-    for key, value in bench_gpu.TUNED.items():
+    measured = bench_gpu.CONFIGS[config]
+    for key, value in measured.items():
         section, name = key.split(".")
-        assert getattr(getattr(shipped, section), name) == value, f"gpu-fast {key} is not the benchmark's B"
-    changed = {key for key, value in bench_gpu.TUNED.items() if bench_gpu.SEED_SETUP.get(key, object()) != value}
-    assert set(read_overrides(REPO / "presets" / "gpu-fast.yaml", [])) == changed, "a setting the benchmark never ran"
+        assert getattr(getattr(shipped, section), name) == value, f"{preset} {key} is not the benchmark's {config}"
+    changed = {key for key, value in measured.items() if bench_gpu.SEED_SETUP.get(key, object()) != value}
+    model_keys = {key for key in overrides if key.startswith("model.") and key != "model.max_model_len"}
+    assert set(overrides) - model_keys == changed, "a train setting the benchmark never ran"
 
 
 def _set(raw: dict, dotted: str, value) -> dict:
