@@ -19,7 +19,7 @@ import logging
 import random
 from pathlib import Path
 
-from pipeline import modeling, prompts, synthetic
+from pipeline import logs, modeling, prompts, synthetic
 
 logger = logging.getLogger("pipeline.embedded")
 
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.configure()
     build_all(args.root, force=args.force)
 
 

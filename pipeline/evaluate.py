@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import logs
 from pipeline.params import Params, load_params_or_exit
 from pipeline.rewards import soft_format_reward_func, strict_format_reward_func
 from pipeline.scoring import extract_answer, is_correct
@@ -194,7 +195,7 @@ def _write_predictions(path: Path, rows, generations, scored, backend: str) -> N
 
 def main() -> None:
     params = load_params_or_exit()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.configure()
     metrics = evaluate(params)
     out = params.output_dir / "eval" / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)

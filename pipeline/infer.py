@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import prompts, registry
+from pipeline import logs, prompts, registry
 from pipeline.generation import BACKENDS, BackendUnavailable, select_backend
 from pipeline.params import OUTPUT_ROOT, PARAMS_FILE, Params, load_params_or_exit
 
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature < 0 or args.url_timeout <= 0:
         print("error: --temperature must be >= 0 and --url_timeout > 0", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.configure()
     try:
         args.generation_backend = select_backend(args.backend)
     except BackendUnavailable as error:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import logs
 from pipeline.params import ColumnMap, DataParams, ModelParams, Params, load_params_or_exit
 from pipeline.prompts import conversation, user_text
 
@@ -822,7 +823,7 @@ def _check_usable(candidates: list[Candidate], ledger: Ledger, sources: list[Sou
 
 def main() -> None:
     params = load_params_or_exit()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.configure()
     out_dir = params.output_dir / "data"
     try:
         report = prepare(params, out_dir)

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import registry
+from pipeline import logs, registry
 from pipeline.params import Params, load_params_or_exit
 
 logger = logging.getLogger("pipeline.publish")
@@ -413,9 +413,18 @@ def publish(params: Params, env: Mapping[str, str] | None = None, api=None) -> t
                    "hub_status: pending; run `python -m pipeline.publish` again to complete the push")
 
 
+WALL_CLOCK_FIELDS = ("registered_at", "pushed_at")
+
+
+def stage_record(entry: Mapping[str, Any]) -> dict:
+    """The registry entry as the stage's DVC output: without the times it was registered and
+    pushed (those stay in registry.json), so rerunning an unchanged run changes no hash in dvc.lock."""
+    return {key: value for key, value in entry.items() if key not in WALL_CLOCK_FIELDS}
+
+
 def main() -> None:
     params = load_params_or_exit()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.configure()
     try:
         entry, outcome = publish(params)
     except registry.RegistryError as error:
@@ -424,7 +433,7 @@ def main() -> None:
         logger.warning("%s", outcome)
     else:
         logger.info("%s", outcome)
-    registry.atomic_write(params.output_dir / "publish.json", json.dumps(entry, indent=2) + "\n")
+    registry.atomic_write(params.output_dir / "publish.json", json.dumps(stage_record(entry), indent=2) + "\n")
 
 
 if __name__ == "__main__":
