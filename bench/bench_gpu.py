@@ -83,7 +83,17 @@ CONFIGS = {
     "B-micro2": {**TUNED, "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 8},
     "B-fast": {**TUNED, "train.per_device_train_batch_size": 8, "train.gradient_accumulation_steps": 2,
                "train.vllm_gpu_memory_utilization": 0.35},
+    # issue 16: vLLM and the trainer disagreed whenever a generation batch held several prompts. A and B
+    # hold 2 (16 completions, 8 per prompt); these hold 4 (4 per prompt) and 1 (the reference level).
+    "A-seed-4p": {**SEED_SETUP, "train.num_generations": 4},
+    "B-tuned-4p": {**TUNED, "train.num_generations": 4},
+    "B-1p": {**TUNED, "train.per_device_train_batch_size": 8, "train.gradient_accumulation_steps": 1},
+    "B-micro2-4p": {**TUNED, "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 8,
+                    "train.num_generations": 4},
 }
+# The most `sampling/sampling_logp_difference/mean` a step may show (random weights: ~0.05-0.09 with
+# everything right, 0.56-0.73 on the steps that issue 16 broke); above it the benchmark exits 1.
+MAX_LOGP_DIFFERENCE = 0.15
 
 
 def build_model_dir(out: Path, shape: str) -> Path:
@@ -151,8 +161,13 @@ def measure_floors() -> dict:
     }
 
 
-def build_dataset(out: Path, rows: int = 256) -> Path:
-    """MathVista-schema rows with 448×448 images and MathVista-length questions."""
+# --mixed-sizes: MathVista's pictures differ in size; the processor (min = max pixels) keeps the area,
+# so these aspect ratios give different image grids, i.e. different image-token counts per prompt
+MIXED_SIZES = [(448, 448), (560, 336), (336, 560), (616, 308), (392, 504), (504, 392)]
+
+
+def build_dataset(out: Path, rows: int = 256, mixed_sizes: bool = False) -> Path:
+    """MathVista-schema rows with 448×448 images (or mixed sizes) and MathVista-length questions."""
     from datasets import Dataset
 
     from pipeline import synthetic
@@ -161,8 +176,9 @@ def build_dataset(out: Path, rows: int = 256) -> Path:
     if path.exists():
         return out
     data = synthetic.make_rows(rows, seed=0)
-    for row in data:
-        row["decoded_image"] = row["decoded_image"].resize((IMAGE_SIDE, IMAGE_SIDE))
+    for i, row in enumerate(data):
+        size = MIXED_SIZES[i % len(MIXED_SIZES)] if mixed_sizes else (IMAGE_SIDE, IMAGE_SIDE)
+        row["decoded_image"] = row["decoded_image"].resize(size)
         row["question"] = MATHVISTA_CONTEXT + row["question"]
     columns = {name: [row[name] for row in data] for name in data[0]}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +305,15 @@ def run(name: str, params: dict, work: Path, warmup: int) -> dict:
     train = params["train"]
     completions = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"]
     return {"config": name, "exit_code": result.returncode, "wall_s": round(wall, 1),
+            "prompts_per_generation": completions // train["num_generations"],
             "peak_gpu_gib": round(memory.peak_mib / 1024, 1), **phase_split(history, warmup, completions)}
+
+
+def logp_check(result: dict, limit: float) -> dict:
+    """Every step's vLLM-vs-trainer log-prob difference at or below `limit` (issue 16)."""
+    values = [v for v in result.get("logp_diff", []) if v == v]  # NaN: a step without the metric
+    worst = max(values) if values else None
+    return {"logp_diff_max": worst, "logp_ok": bool(values) and worst <= limit}
 
 
 def run_evaluations(run_dir: Path, params: dict, rows: int, backends: list[str]) -> list[dict]:
@@ -321,7 +345,7 @@ COLUMNS = [("config", "config", "{}"), ("exit", "exit_code", "{}"), ("s/step", "
            ("rollout s", "rollout_s", "{:.2f}"), ("sync s", "sync_s", "{:.2f}"), ("train s", "train_s", "{:.2f}"),
            ("other s", "other_s", "{:.2f}"), ("rollout tok/s", "rollout_tokens_s", "{}"),
            ("train tok/s", "train_tokens_s", "{}"), ("start s", "startup_s", "{}"), ("peak GiB", "peak_gpu_gib", "{}"),
-           ("step/floor", "step_x_floor", "{}"), ("B/A", "speedup", "{}")]
+           ("step/floor", "step_x_floor", "{}"), ("B/A", "speedup", "{}"), ("max logp diff", "logp_diff_max", "{}")]
 
 
 def print_table(shape: str, floors: dict, results: list[dict]) -> None:
@@ -350,6 +374,9 @@ def main() -> None:
     parser.add_argument("--evaluate", type=int, default=0, metavar="ROWS",
                         help="then time the evaluate stage on the last config's adapter, vLLM vs transformers")
     parser.add_argument("--eval-tokens", type=int, default=256, help="max_new_tokens for --evaluate")
+    parser.add_argument("--mixed-sizes", action="store_true", help="images of different sizes (MathVista's are)")
+    parser.add_argument("--max-logp-difference", type=float, default=MAX_LOGP_DIFFERENCE,
+                        help="fail (exit 1) when any step's sampling_logp_difference/mean is above this")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps <= args.warmup:
         parser.error("need --warmup >= 1 (vLLM compiles its first shapes) and --steps > --warmup")
@@ -361,12 +388,16 @@ def main() -> None:
     print(f"bench: floors {json.dumps(floors)}", flush=True)
     model_dir = build_model_dir(args.work / f"{args.shape}-random", args.shape)
     model = json.loads((model_dir / "bench_shape.json").read_text())
-    data_dir = build_dataset(args.work / "mathvista-448")
+    data_dir = build_dataset(args.work / ("mathvista-mixed" if args.mixed_sizes else "mathvista-448"),
+                             mixed_sizes=args.mixed_sizes)
     results: list[dict] = []
     for name in names:
         params = params_for(f"{args.shape}-{name}", CONFIGS[name], model_dir, data_dir, args.steps)
         result = {**run(name, params, args.work / args.shape, args.warmup)}
         result.update(phase_floors(result, floors, model, params))
+        result.update(logp_check(result, args.max_logp_difference))
+        print(f"bench: {name}: sampling_logp_difference/mean per step {result.get('logp_diff')} "
+              f"({result['prompts_per_generation']} prompts per generation batch)", flush=True)
         if results and results[0].get("step_s") and result.get("step_s"):
             result["speedup"] = round(results[0]["step_s"] / result["step_s"], 2)
         results.append(result)
@@ -383,6 +414,10 @@ def main() -> None:
         if args.out:
             report = json.loads(args.out.read_text())
             args.out.write_text(json.dumps({**report, "evaluate": evaluations}, indent=2) + "\n")
+    bad = [r["config"] for r in results if not r.get("logp_ok")]
+    if bad:
+        raise SystemExit(f"bench: vLLM's and the trainer's log-probs differ by more than {args.max_logp_difference} "
+                         f"on a step (or were not logged) in {bad}: see logp_diff per config (issue 16)")
 
 
 if __name__ == "__main__":

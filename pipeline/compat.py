@@ -199,6 +199,33 @@ def patch_vllm_colocate(trainer, on_gpu: bool) -> list[str]:
     return applied
 
 
+# TRL 1.16 GRPOTrainer (and TRL main as of 2026-07) scores a generation batch of several prompts by
+# left-padding the prompt ids itself, but takes `mm_token_type_ids` (which tokens are image tokens)
+# from a second call of the processor, `processing_class(images=…, text=…, padding=True)`, that pads
+# on the processor's own side. Qwen's processors, the real checkpoints' and ours alike, pad on the
+# right, so for every prompt shorter than the longest in the batch the image markers are shifted
+# against the ids. Qwen2.5-VL's and Qwen3-VL's `get_rope_index` then gives the image (and the text
+# around it) wrong M-RoPE positions: silently (a shift shorter than the text before the image) or
+# with a shape error (a longer one). The trainer's log-probabilities, the loss and the importance
+# ratio are computed for a context vLLM never saw: sampling_logp_difference/mean 0.56-0.73 on the
+# steps whose two prompts differ in length (7B shapes, H200), ~0.06 otherwise (docs/training.md).
+# huggingface/trl#5785 reported it; the maintainers closed it as the caller's configuration (TRL
+# left-pads only a processor it loads itself) and would take a warning, not a fix. So this is a
+# setting, not a version-guarded patch: it stays needed for as long as TRL builds the two tensors
+# apart. tests/test_logp_agreement.py fails when a right-padding processor stops mattering.
+GRPO_PROCESSOR_PADDING_SIDE = "left"
+
+
+def left_pad_for_grpo(processor) -> bool:
+    """Make the processor pad on the left, as TRL's GRPOTrainer assumes; returns whether it changed."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if getattr(tokenizer, "padding_side", None) == GRPO_PROCESSOR_PADDING_SIDE:
+        return False
+    tokenizer.padding_side = GRPO_PROCESSOR_PADDING_SIDE
+    logger.info("setting: the processor pads on the left for GRPO scoring (trl#5785)")
+    return True
+
+
 def shutdown_llm(llm) -> None:
     """Shut a `vllm.LLM` engine down now instead of leaving it to the garbage collector.
 
