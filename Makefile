@@ -73,7 +73,7 @@ endif
 shquote   = '$(subst ','"'"',$(1))'
 FORWARD   = $(strip $(foreach v,RUN_ID PRESET NPROC IMAGES PROMPT ARGS SHAPE,$(if $($(v)),$(v)=$(call shquote,$($(v))))))
 
-.PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-gpu infer image shell image-train image-repro
+.PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-gpu infer image shell image-train image-repro
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -122,6 +122,9 @@ bench: setup  ## CPU benchmarks (reward scoring, prepare); tables in docs/perfor
 	$(PYTHON) bench/bench_rewards.py
 	$(PYTHON) bench/bench_prepare.py --num-proc 2
 
+bench-demo: setup  ## the demo pipeline over 3 seeds: does it learn? (~6 min; table into docs/performance.md)
+	$(PYTHON) bench/bench_demo.py --write
+
 bench-gpu:  ## GRPO step time, seed's setup vs tuned, with floors: make bench-gpu [SHAPE=qwen2_5_vl-3b|qwen3_vl-8b]
 	python3 bench/bench_gpu.py --shape $(or $(SHAPE),qwen2_5_vl-7b) --configs A-seed,B-tuned \
 	  --work .cache/bench-gpu --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F-%H%M).json
@@ -132,8 +135,8 @@ infer: setup  ## make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all|b
 	@$(PYTHON) -m pipeline.infer --run_id "$(or $(RUN_ID),all)" --image_path "$(IMAGES)" --prompt "$(PROMPT)" --persist_result_local $(ARGS)
 endif
 
-compare: setup  ## compare the metrics and params of every run (DVC experiments)
-	@dvc exp show --no-pager --only-changed --drop 'Created|State|Executor' 2>/dev/null || dvc exp show --no-pager
+compare: setup  ## every run's headline metrics and differing params (all of them: dvc exp show)
+	@$(PYTHON) -m pipeline.compare
 
 vllm-serve:  ## vLLM server for train.vllm_mode=server, on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…]
 	CUDA_VISIBLE_DEVICES=$(or $(GPUS),0) HIP_VISIBLE_DEVICES=$(or $(GPUS),0) \

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import logs
-from pipeline.params import Params, load_params_or_exit
+from pipeline.params import Params, Reports, load_params_or_exit
 from pipeline.rewards import soft_format_reward_func, strict_format_reward_func
 from pipeline.scoring import extract_answer, is_correct
 
@@ -197,12 +197,12 @@ def main() -> None:
     params = load_params_or_exit()
     logs.configure()
     metrics = evaluate(params)
-    out = params.output_dir / "eval" / "metrics.json"
+    out = Reports.evaluation
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     from pipeline import report
 
-    report.write_all(params.run_id, metrics, out.parent / "predictions.jsonl", out.parent)
+    report.write_all(params.run_id, metrics, params.output_dir / "eval" / "predictions.jsonl")
     logger.info("accuracy base %.3f → adapter %.3f; strict format %.3f → %.3f (%d rows) → %s",
                 metrics["base"]["accuracy"], metrics["adapter"]["accuracy"], metrics["base"]["strict_format"],
                 metrics["adapter"]["strict_format"], metrics["base"]["rows"], out)

@@ -24,6 +24,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PARAMS_FILE = Path("params.yaml")
 OUTPUT_ROOT = Path("outputs")
+
+
+class Reports:
+    """Metrics and plots: the same paths for every run, not ignored by git, so each DVC experiment's
+    commit holds its own and `dvc metrics diff`, `dvc exp show` and `dvc plots diff` compare runs
+    (DVC's example-get-started layout). dvc.yaml names the same paths (tests/test_dvc_stages.py)."""
+
+    root = Path("reports")
+    data = root / "data_report.json"
+    train_curves = root / "train"  # dvclive: plots/metrics/<name>.tsv per logged value …
+    train = train_curves / "metrics.json"  # … and each one's last value
+    evaluation = root / "eval_metrics.json"
+    comparison = root / "eval_comparison.csv"
 EXIT_BAD_PARAMS = 2
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -106,6 +119,8 @@ class DataParams(SourceParams):
 
 class TrainParams(_Section):
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)]
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: Annotated[float, Field(ge=0.0)] = 0.0  # as transformers: steps, or a share of max_steps if < 1
     max_steps: PositiveInt
     per_device_train_batch_size: PositiveInt
     gradient_accumulation_steps: PositiveInt
@@ -129,6 +144,10 @@ class TrainParams(_Section):
     vllm_server_port: Annotated[int, Field(gt=0, lt=65536)] = 8000
     vllm_max_model_length: PositiveInt | None = None
     use_liger_kernel: bool = False
+    # stop when vLLM's and the trainer's log-probs (TRL's sampling_logp_difference/mean) stay above
+    # this for max_logp_difference_steps logged steps in a row; null = never (docs/training.md)
+    max_logp_difference: Annotated[float, Field(gt=0.0)] | None = 0.3
+    max_logp_difference_steps: PositiveInt = 3
     log_completions: bool = True
     num_processes: PositiveInt = 1
     accelerate_config: str = "configs/accelerate/ddp.yaml"

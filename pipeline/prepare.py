@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import logs
-from pipeline.params import ColumnMap, DataParams, ModelParams, Params, load_params_or_exit
+from pipeline.params import ColumnMap, DataParams, ModelParams, Params, Reports, load_params_or_exit
 from pipeline.prompts import conversation, user_text
 
 logger = logging.getLogger("pipeline.prepare")
@@ -829,7 +829,8 @@ def main() -> None:
         report = prepare(params, out_dir)
     except PrepareError as error:
         raise SystemExit(f"prepare: error: {error}") from None
-    (params.output_dir / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    Reports.data.parent.mkdir(parents=True, exist_ok=True)
+    Reports.data.write_text(json.dumps(report, indent=2) + "\n")
     logger.info("train %d rows, eval %d rows, dropped %s; prompt tokens ≤ %d (%s) → %s", report["train_rows"],
                 report["eval_rows"], report["dropped"] or "none", report["prompt_tokens"]["max"],
                 report["prompt_tokens"]["method"], out_dir)

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from pipeline import logs, registry
-from pipeline.params import Params, load_params_or_exit
+from pipeline.params import Params, Reports, load_params_or_exit
 
 logger = logging.getLogger("pipeline.publish")
 DOC = Path("docs/model_registry.md")
@@ -159,8 +159,7 @@ def params_digest(params: Params) -> str:
 
 
 def read_metrics(params: Params) -> dict | None:
-    metrics_file = params.output_dir / "eval" / "metrics.json"
-    return json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    return json.loads(Reports.evaluation.read_text()) if Reports.evaluation.exists() else None
 
 
 def key_metrics(metrics: Mapping[str, Any] | None) -> dict | None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline.params import OUTPUT_ROOT, load_params_or_exit
+from pipeline.params import OUTPUT_ROOT, Reports, load_params_or_exit
 
 
 def main() -> None:
     params = load_params_or_exit()
     run_id = sys.argv[1] if len(sys.argv) > 1 else params.run_id
     root = OUTPUT_ROOT / run_id
-    metrics_file = root / "eval" / "metrics.json"
+    metrics_file = Reports.evaluation
     print(f"\nrun {run_id!r} done.")
     if metrics_file.exists():
         metrics = json.loads(metrics_file.read_text())
@@ -22,9 +22,9 @@ def main() -> None:
                   f"{m['accuracy_ci95'][1]:.3f}), strict format {m['strict_format']:.3f}, {m['rows']} rows")
     print(f"  metrics:   {metrics_file}")
     print(f"  adapter:   {root / 'adapter'}")
-    print(f"  plots:     {root / 'train_logs' / 'plots'}  (dvc plots show)")
+    print(f"  plots:     {Reports.train_curves / 'plots'}, {Reports.comparison}  (dvc plots show)")
     print(f"  registry:  {params.publish.registry_file} (entry {run_id!r}), docs/model_registry.md")
-    print("  compare runs: make compare   (or: dvc exp show, dvc metrics diff)")
+    print(f"  compare runs: make compare, dvc metrics diff {run_id} <other run>, dvc plots diff {run_id} <other run>")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,19 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import logs
 from pipeline.modeling import cpu_vllm_environment, on_gpu, vllm_installed
-from pipeline.params import Params, load_params_or_exit
+from pipeline.params import Params, Reports, load_params_or_exit
 
 logger = logging.getLogger("pipeline.train")
 
 # LoRA on the language model only: `gate_proj`/`up_proj`/`down_proj` also name the vision tower's
 # MLP, so a plain module list would train the vision tower too.
 LANGUAGE_MODEL_PATTERN = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.({modules})"
+
+
+# Logged values that measure time: kept out of every DVC-tracked output (see `_dvclive`).
+WALL_CLOCK = re.compile(r"runtime|per_second|^time/|step_time")
 
 
 def lora_target_regex(modules: list[str]) -> str:
@@ -89,6 +94,8 @@ def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: l
         seed=params.seed,
         data_seed=params.seed,
         learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_steps,
         max_steps=train.max_steps,
         per_device_train_batch_size=train.per_device_train_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -204,17 +211,25 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+class RolloutMismatch(RuntimeError):
+    """vLLM sampled from one context and the trainer scores another (issue 16, docs/training.md)."""
+
+
 _IMPORTED_AT = time.perf_counter()  # ≈ process start: the trainer's start-up time is measured from here
 
 
-def _callbacks():
+def _callbacks(train=None):
     from transformers import TrainerCallback
 
     class ProgressLog(TrainerCallback):
-        """Step time and rollout throughput in the log; stop on a NaN/inf loss before it is saved."""
+        """Step time and rollout throughput in the log; stop on a NaN/inf loss before it is saved, and
+        when vLLM's and the trainer's log-probs disagree for train.max_logp_difference_steps logs running."""
 
         def __init__(self):
             self._last = (time.perf_counter(), 0.0)
+            self._max_logp = (getattr(train, "max_logp_difference", None),
+                              getattr(train, "max_logp_difference_steps", 1))
+            self._logp_high: list[tuple[int, float]] = []
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -223,6 +238,17 @@ def _callbacks():
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss} at step {state.global_step}: lower train.learning_rate or "
                                        "check the rewards; the last good checkpoint is kept")
+            difference, (limit, steps) = logs.get("sampling/sampling_logp_difference/mean"), self._max_logp
+            if difference is not None and limit is not None:
+                high = float(difference) > limit or not math.isfinite(float(difference))
+                self._logp_high = [*self._logp_high, (state.global_step, float(difference))] if high else []
+                if len(self._logp_high) >= steps:
+                    seen = ", ".join(f"{d:.3f} (step {s})" for s, d in self._logp_high[-steps:])
+                    raise RolloutMismatch(
+                        f"vLLM's and the trainer's log-probabilities differ by {seen}, above "
+                        f"train.max_logp_difference {limit} for {steps} logged steps in a row: the trainer scores "
+                        "completions on inputs vLLM did not sample them from (docs/training.md, 'Rollouts that "
+                        "match the policy'); the last good checkpoint is kept")
             now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
             elapsed = now - self._last[0]
             rate = (tokens - self._last[1]) / elapsed if elapsed > 0 else 0.0
@@ -260,18 +286,39 @@ def _phase_times(trainer):
 
 
 def _dvclive(live_dir: Path, resume: bool):
-    """DVC plots through dvclive, configured so it never rewrites dvc.yaml (STACK.md)."""
+    """DVC plots through dvclive, configured so it never rewrites dvc.yaml (STACK.md). The training
+    curves and their last values go to `reports/train/` (Reports.train_curves), the stage's plots and
+    metrics, hashed in dvc.lock and committed with each experiment, so they hold no wall-clock value
+    (two identical runs must hash alike) nor the run's arguments; step and phase times go to the
+    run's log folder (`live_dir`)."""
     if not is_main_process():
-        return None, []
+        return [], []
     live_dir.mkdir(parents=True, exist_ok=True)
     try:
         from dvclive import Live
         from dvclive.huggingface import DVCLiveCallback
     except ImportError:  # minimal environments (e.g. the GPU benchmark's); the container has it
         logger.warning("dvclive is not installed: no DVC plots for this run")
-        return None, []
-    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
-    return live, [DVCLiveCallback(live=live, log_model=None)]
+        return [], []
+
+    class Selected(DVCLiveCallback):
+        def __init__(self, live, timings: bool):
+            super().__init__(live=live, log_model=None)
+            self._timings = timings
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self._timings:  # the arguments (paths, a dated logging_dir) stay out of the reports
+                super().on_train_begin(args, state, control, **kwargs)
+
+        def on_log(self, args, state, control, **kwargs):
+            logs = {key: value for key, value in (kwargs.pop("logs", None) or {}).items()
+                    if bool(WALL_CLOCK.search(key)) == self._timings}
+            if logs:
+                super().on_log(args, state, control, logs=logs, **kwargs)
+
+    lives = [Live(dir=str(folder), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
+             for folder in (Reports.train_curves, live_dir)]
+    return lives, [Selected(lives[0], timings=False), Selected(lives[1], timings=True)]
 
 
 def train(params: Params) -> Path:
@@ -300,6 +347,7 @@ def train(params: Params) -> Path:
     reward_funcs = [guarded(func) for func in reward_funcs]
     resume = prepare_checkpoint_dir(dirs["checkpoints"], run_fingerprint(params, train_file))
     processor = modeling.load_processor(params.model.name_or_path, params.model.revision)
+    compat.left_pad_for_grpo(processor)  # TRL aligns image markers with left-padded prompts only (trl#5785)
     model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
                                 params.model.attn_implementation)
     dataset = load_dataset("parquet", data_files=str(train_file), split="train")
@@ -308,7 +356,7 @@ def train(params: Params) -> Path:
     config = build_grpo_config(params, gpu=gpu, use_vllm=use_vllm, report_to=report_to,
                                reward_weights=reward_weights,
                                vision_token_ids=modeling.vision_token_ids(processor.tokenizer))
-    live, plot_callbacks = _dvclive(dirs["live"], resume is not None)
+    lives, plot_callbacks = _dvclive(dirs["live"], resume is not None)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
@@ -316,7 +364,7 @@ def train(params: Params) -> Path:
         train_dataset=dataset,
         processing_class=processor,
         peft_config=build_lora_config(params),
-        callbacks=[*plot_callbacks, *_callbacks()],
+        callbacks=[*plot_callbacks, *_callbacks(params.train)],
     )
     compat.patch_vllm_colocate(trainer, on_gpu=gpu)
     compat.keep_frozen_vision_out_of_backward(trainer.model)
@@ -337,7 +385,7 @@ def train(params: Params) -> Path:
         if is_main_process():
             dirs["live"].mkdir(parents=True, exist_ok=True)
             (dirs["live"] / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
-        if live is not None:
+        for live in lives:
             live.end()
     logger.info("trained %d steps in %.1f s; adapter in %s", trainer.state.global_step,
                 time.perf_counter() - started, dirs["adapter"])
@@ -350,10 +398,6 @@ def _save_adapter(trainer, processor, adapter_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "training_summary.json").write_text(json.dumps({
-        "global_step": trainer.state.global_step,
-        "log_history": trainer.state.log_history[-1:] if trainer.state.log_history else [],
-    }, indent=2) + "\n")
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
 
@@ -384,7 +428,7 @@ def relaunch_distributed(params: Params) -> int:
 
 def main() -> None:
     params = load_params_or_exit()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.configure()
     if params.train.num_processes > 1 and LAUNCHED_ENV not in os.environ:
         raise SystemExit(relaunch_distributed(params))
     import torch
@@ -395,7 +439,7 @@ def main() -> None:
         train(params)
     except ModelNotAvailableError as error:
         raise SystemExit(f"train: error: {error}") from None
-    except (RewardFunctionError, TrainingDiverged) as error:
+    except (RewardFunctionError, TrainingDiverged, RolloutMismatch) as error:
         raise SystemExit(f"train: error: {error}") from None
     except torch.OutOfMemoryError as error:
         raise SystemExit(

@@ -72,14 +72,14 @@ def test_report_matches_the_metrics(tmp_path, metrics, monkeypatch):
                                          "strict_format": False},
                                 "adapter": {"prediction": adapter.text, "error": None, "correct": True,
                                             "strict_format": True}}) + "\n")
-    report.write_all("r1", metrics, predictions, tmp_path)
+    report.write_all("r1", metrics, predictions)
     text = (tmp_path / "docs" / "results_comparison.md").read_text()
     assert "| accuracy | 0.500 (" in text and "| 0.750 (" in text and "+0.250 |" in text
     assert "| strict format | 0.250 | 1.000 | +0.750 |" in text
     assert "| counting | 3 | 0.333 | 0.667 | +0.333 |" in text
     assert (tmp_path / "docs" / "results_comparison.png").stat().st_size > 1000
     assert "(no output: boom)" in (tmp_path / "docs" / "sample_outputs" / "r1.md").read_text()
-    csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
+    csv_rows = (tmp_path / "reports" / "eval_comparison.csv").read_text().splitlines()
     assert csv_rows[0] == "group,model,value" and "overall: accuracy,adapter,0.75" in csv_rows
 
 
@@ -127,7 +127,7 @@ def _evaluate(ws, backend: str) -> tuple[str, dict, list[dict]]:
     result = ws.run("pipeline.evaluate")  # exit 0: the vLLM engine is shut down before the interpreter exits
     eval_dir = ws.root / "outputs" / "ev" / "eval"
     predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
-    return result.stderr, json.loads((eval_dir / "metrics.json").read_text()), predictions
+    return result.stderr, json.loads((ws.root / "reports" / "eval_metrics.json").read_text()), predictions
 
 
 def test_vllm_and_transformers_backends_agree_on_a_trained_adapter(trained):

@@ -54,16 +54,18 @@ def test_four_stages_write_their_outputs(clone, demo_run):
     assert (root / "data" / "train.parquet").is_file() and (root / "data" / "eval.parquet").is_file()
     assert (root / "adapter" / "adapter_config.json").is_file()
     assert (root / "adapter" / "adapter_model.safetensors").is_file()
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    metrics = json.loads((clone / "reports" / "eval_metrics.json").read_text())
     assert metrics["base"]["rows"] == metrics["adapter"]["rows"] > 0
     assert 0.0 <= metrics["adapter"]["accuracy"] <= 1.0
-    report = json.loads((root / "data_report.json").read_text())
+    report = json.loads((clone / "reports" / "data_report.json").read_text())
     assert report["train_rows"] + report["eval_rows"] == report["rows_kept"]
     registry = json.loads((clone / "registry.json").read_text())
     assert registry["runs"]["t1"]["adapter_path"] == "outputs/t1/adapter"
     assert "t1" in (clone / "docs" / "model_registry.md").read_text()
-    plots = list((root / "train_logs" / "plots" / "metrics").rglob("*.tsv"))
-    assert plots, "dvclive wrote no training plots"
+    curves = {p.name for p in (clone / "reports" / "train" / "plots" / "metrics").rglob("*.tsv")}
+    assert "reward.tsv" in curves and "loss.tsv" in curves, "dvclive wrote no training curves"
+    assert not curves & {"step_time.tsv", "train_runtime.tsv"}, "wall-clock values in a DVC-tracked output"
+    assert (root / "train_logs" / "plots" / "metrics" / "step_time.tsv").is_file()  # timings: the run's logs
     assert (clone / "docs" / "results_comparison.md").read_text().startswith("# Results: base model vs run `t1`")
     assert (clone / "docs" / "sample_outputs" / "t1.md").is_file()
 
@@ -72,13 +74,21 @@ def test_the_demo_learns(clone, demo_run):
     """The warmed-up tiny model formats sometimes; GRPO makes it format (and the reward rise)."""
     import csv
 
-    series = next((clone / "outputs" / "t1" / "train_logs" / "plots" / "metrics").rglob("reward.tsv"))
+    series = clone / "reports" / "train" / "plots" / "metrics" / "reward.tsv"
     with series.open() as f:
         rewards = [float(row["reward"]) for row in csv.DictReader(f, delimiter="\t")]
     third = len(rewards) // 3
     assert sum(rewards[-third:]) / third > sum(rewards[:third]) / third
-    metrics = json.loads((clone / "outputs" / "t1" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((clone / "reports" / "eval_metrics.json").read_text())
     assert metrics["adapter"]["strict_format"] >= metrics["base"]["strict_format"] + 0.3
+
+
+def test_each_warning_once_per_stage_and_tables_readable(demo_run):
+    """vLLM's CPU worker warns at every torch.set_num_threads call (hundreds per stage unfiltered)."""
+    assert 1 <= demo_run.count("doesn't allow to use `torch.set_num_threads`") <= 2  # train and evaluate
+    table_rows = [line for line in demo_run.splitlines() if line.startswith("│ │")]
+    assert table_rows, "TRL printed no sample-completions table"
+    assert min(len(line) for line in table_rows) > 120, "the table wrapped to a terminal's 80 columns"
 
 
 def test_dvc_status_clean_and_dvc_yaml_untouched(clone, demo_run):
@@ -95,7 +105,32 @@ def test_second_run_does_no_stage_work(clone, demo_run):
     assert again.count("didn't change, skipping") == 4
 
 
-def test_two_run_ids_keep_separate_outputs_and_compare(clone, demo_run, tmp_path):
+def test_retraining_gives_byte_identical_outputs(clone, demo_run):
+    """Two runs of the same train stage hash alike in dvc.lock: no wall-clock value in any output."""
+
+    def train_outs() -> dict[str, str]:
+        lock = yaml.safe_load((clone / "dvc.lock").read_text())
+        return {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
+
+    before = train_outs()
+    _run(["dvc", "repro", "--force", "--single-item", "train"], clone)
+    assert train_outs() == before
+    status = _run(["dvc", "status", "--json"], clone)
+    assert json.loads(status.stdout) == {}  # evaluate and publish are still up to date
+
+
+def _revisions(node) -> set[str]:
+    """Every `rev` value anywhere in `dvc plots diff --json` output."""
+    if isinstance(node, dict):
+        found = {node["rev"]} if isinstance(node.get("rev"), str) else set()
+        return found.union(*(_revisions(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_revisions(value) for value in node))
+    return set()
+
+
+def test_two_runs_compare_metrics_plots_and_params(clone, demo_run, tmp_path):
+    t1_metrics = json.loads((clone / "reports" / "eval_metrics.json").read_text())
     fast = tmp_path / "fast.yaml"
     demo = yaml.safe_load((clone / "presets" / "demo.yaml").read_text())
     fast.write_text(yaml.safe_dump({**demo, "train.use_vllm": False, "train.max_steps": 4}))
@@ -106,9 +141,33 @@ def test_two_run_ids_keep_separate_outputs_and_compare(clone, demo_run, tmp_path
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], clone).stdout)
     names = {exp.get("name") for baseline in shown for exp in (baseline.get("experiments") or [])}
     assert {"t1", "t2"} <= names
-    diff = _run(["dvc", "exp", "diff", "t1", "t2", "--json"], clone)
-    assert "train.max_steps" in diff.stdout
-    # the working copy shows the last run; any other run's outputs come back from the DVC cache
+
+    metrics = _run(["dvc", "metrics", "diff", "t1", "t2", "--json"], clone)
+    assert "failed to load" not in metrics.stderr
+    evaluation = json.loads(metrics.stdout)["reports/eval_metrics.json"]
+    for key in ("adapter.accuracy", "adapter.strict_format", "base.accuracy"):
+        assert evaluation[key]["old"] == _dig(t1_metrics, key) and evaluation[key]["new"] is not None
+    assert "step" in json.loads(metrics.stdout)["reports/train/metrics.json"]  # 24 → 4 steps
+    exp_diff = json.loads(_run(["dvc", "exp", "diff", "t1", "t2", "--json"], clone).stdout)
+    assert "train.max_steps" in json.dumps(exp_diff["params"])
+    assert "adapter.accuracy" in exp_diff["metrics"]["reports/eval_metrics.json"]
+    plots = json.loads(_run(["dvc", "plots", "diff", "t1", "t2", "--json"], clone).stdout)
+    reward = {path: data for path, data in plots.items() if path.endswith("reward.tsv")}
+    assert reward and {"t1", "t2"} <= _revisions(reward)
+
+    table = _run([sys.executable, "-m", "pipeline.compare"], clone).stdout
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert {"t1", "t2"} <= set(rows) and "!" not in table
+    assert f"{t1_metrics['adapter']['accuracy']:.3f}" in rows["t1"] and "train.max_steps=4" in rows["t2"]
+
+    # the working copy shows the last run; any other run's outputs and metrics come back with apply
     _run(["dvc", "exp", "apply", "t1"], clone)
     assert (clone / "outputs" / "t1" / "adapter" / "adapter_config.json").is_file()
     assert yaml.safe_load((clone / "params.yaml").read_text())["run_id"] == "t1"
+    assert json.loads((clone / "reports" / "eval_metrics.json").read_text()) == t1_metrics
+
+
+def _dig(data: dict, dotted: str):
+    for key in dotted.split("."):
+        data = data[key]
+    return data

@@ -311,7 +311,7 @@ def test_zero_usable_rows_is_a_clear_error_and_a_failed_stage(tmp_path, monkeypa
     with pytest.raises(SystemExit) as exit_info:
         prep.main()
     assert "prepare: error: no usable rows" in str(exit_info.value.code)  # a message: exit status 1
-    assert not (tmp_path / "outputs" / raw["run_id"] / "data_report.json").exists()
+    assert not (tmp_path / "reports" / "data_report.json").exists()
 
 
 def test_json_and_image_folder_sources_through_a_column_map(tmp_path):

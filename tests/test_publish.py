@@ -39,8 +39,8 @@ def _workspace(root: Path, run_id: str = "pub1", **overrides) -> Path:
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 64)
     (adapter / "README.md").write_text("peft's template card")
-    (root / "outputs" / run_id / "eval").mkdir()
-    (root / "outputs" / run_id / "eval" / "metrics.json").write_text(json.dumps(METRICS))
+    (root / "reports").mkdir(exist_ok=True)
+    (root / "reports" / "eval_metrics.json").write_text(json.dumps(METRICS))
     return root
 
 

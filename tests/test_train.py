@@ -18,9 +18,9 @@ from pipeline.params import parse_params
 TINY_KINDS = ("tiny-qwen2_5_vl", "tiny-qwen3_vl")
 
 
-def _metric_series(ws, run_id: str, name: str) -> list[float]:
-    """A metric's values per step, read from the dvclive plots the stage writes."""
-    files = list((ws.root / "outputs" / run_id / "train_logs" / "plots" / "metrics").rglob(f"{name}.tsv"))
+def _metric_series(ws, name: str) -> list[float]:
+    """A metric's values per step, read from the training curves (DVC plots) of the last run."""
+    files = list((ws.root / "reports" / "train" / "plots" / "metrics").rglob(f"{name}.tsv"))
     assert files, f"no dvclive series {name!r}"
     with files[0].open() as f:
         return [float(row[name.split("/")[-1]]) for row in csv.DictReader(f, delimiter="\t")]
@@ -127,7 +127,7 @@ def test_transformers_rollouts_train_and_log(workspace, model):
     run = ws.root / "outputs" / "hf"
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert list((run / "wandb").glob("offline-run-*")), "W&B offline run missing"
-    assert len(_metric_series(ws, "hf", "reward")) == 2
+    assert len(_metric_series(ws, "reward")) == 2
     assert (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
 
 
@@ -138,7 +138,7 @@ def test_vllm_colocate_rollouts_agree_with_the_trainer(workspace, model):
     ws = workspace("vl", model__name_or_path=f"assets/embedded/{model}", train__max_steps=2)
     result = ws.run("pipeline.train")
     assert "collapse image placeholders" in result.stderr
-    differences = _metric_series(ws, "vl", "sampling/sampling_logp_difference/mean")
+    differences = _metric_series(ws, "sampling/sampling_logp_difference/mean")
     assert differences[0] < 0.01, differences
     assert (ws.root / "outputs" / "vl" / "adapter" / "adapter_model.safetensors").is_file()
     _assert_phase_split(ws, "vl")
@@ -168,7 +168,7 @@ def test_double_image_expansion_workaround_is_still_needed(workspace):
     result = subprocess.run([sys.executable, "run_without_fix.py"], cwd=ws.root, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _metric_series(ws, "nofix", "sampling/sampling_logp_difference/mean")[0] > 0.1
+    assert _metric_series(ws, "sampling/sampling_logp_difference/mean")[0] > 0.1
 
 
 def test_resume_after_kill_gives_the_same_adapter(workspace):

@@ -1,0 +1,133 @@
+"""Does the demo learn on this machine, whatever the seed? `make bench-demo` (or `bench/bench_demo.py`).
+
+Runs the whole demo pipeline (`prepare → train → evaluate → publish`, the DVC experiment that
+`make demo` starts) once per seed in a fresh copy of this working tree, and prints one row per
+seed: the mean training reward over the first and the last third of the steps, the evaluation's
+strict format and accuracy for the base model and the adapter, and whether the adapter's 95%
+interval for accuracy lies above the base model's accuracy. The targets (issue 14): over 3 seeds,
+last third ≥ 1.5 × first third, adapter strict format ≥ 0.90, and that interval above the base.
+`--write` replaces the table in docs/performance.md ("The demo learns"); `--check` exits 1 when a
+target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "performance.md"
+START, END = "<!-- bench_demo:start -->", "<!-- bench_demo:end -->"
+RATIO_TARGET, FORMAT_TARGET = 1.5, 0.90
+
+
+def copy_working_tree(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files: what would be committed, not what is cached."""
+    subprocess.run(["git", "init", "-q", str(dest)], check=True)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid"}
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "bench"], cwd=dest, check=True, env=env)
+
+
+def thirds(values: list[float]) -> tuple[float, float]:
+    third = len(values) // 3
+    return sum(values[:third]) / third, sum(values[-third:]) / third
+
+
+def run_seed(work: Path, seed: int) -> dict:
+    run_id = f"seed{seed}"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pipeline.experiments", "--run-id", run_id, "--preset", "demo",
+                             "--set", f"seed={seed}"], cwd=work, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_demo: seed {seed} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    root = work / "outputs" / run_id
+    with next((root / "train_logs" / "plots" / "metrics").rglob("reward.tsv")).open() as f:
+        rewards = [float(row["reward"]) for row in csv.DictReader(f, delimiter="\t")]
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    first, last = thirds(rewards)
+    base, adapter = metrics["base"], metrics["adapter"]
+    return {"seed": seed, "steps": len(rewards), "first": first, "last": last, "ratio": last / first,
+            "base_format": base["strict_format"], "format": adapter["strict_format"],
+            "base_accuracy": base["accuracy"], "accuracy": adapter["accuracy"], "ci": adapter["accuracy_ci95"],
+            "rows": adapter["rows"], "seconds": time.perf_counter() - started}
+
+
+def meets(row: dict) -> bool:
+    return row["ratio"] >= RATIO_TARGET and row["format"] >= FORMAT_TARGET and row["ci"][0] > row["base_accuracy"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| seed | steps | reward, first third | reward, last third | last / first | strict format base → adapter "
+             "| accuracy base → adapter (95% CI) | CI above base | run s |",
+             "| ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['steps']} | {r['first']:.3f} | {r['last']:.3f} | {r['ratio']:.2f} "
+                     f"| {r['base_format']:.3f} → {r['format']:.3f} | {r['base_accuracy']:.3f} → {r['accuracy']:.3f} "
+                     f"({r['ci'][0]:.3f}–{r['ci'][1]:.3f}) | {'yes' if r['ci'][0] > r['base_accuracy'] else 'no'} "
+                     f"| {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    doc = DOC.read_text()
+    if START not in doc or END not in doc:
+        raise SystemExit(f"bench_demo: {DOC} has no {START} … {END} section to replace")
+    head, rest = doc.split(START, 1)
+    DOC.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="42,1,2", help="comma-separated; 42 is the committed params.yaml's")
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/performance.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a seed misses a target")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"bench_demo: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}; seeds {seeds}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
+        work = Path(tmp) / "repo"
+        copy_working_tree(work)
+        build = subprocess.run([sys.executable, "-m", "pipeline.embedded"], cwd=work, capture_output=True, text=True)
+        if build.returncode != 0:
+            raise SystemExit(f"bench_demo: building the embedded default failed:\n{build.stderr[-4000:]}")
+        for seed in seeds:
+            rows.append(run_seed(work, seed))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    report = (f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores), "
+              f"`bench/bench_demo.py --seeds {args.seeds}`; targets: last / first ≥ {RATIO_TARGET}, "
+              f"adapter strict format ≥ {FORMAT_TARGET}, adapter accuracy's 95% CI above the base model's "
+              f"accuracy.\n\n{table(rows)}")
+    print("\n" + report)
+    if args.write:
+        write_doc(report)
+        print(f"bench_demo: table written to {DOC}")
+    missed = [r["seed"] for r in rows if not meets(r)]
+    if missed:
+        print(f"bench_demo: seeds {missed} miss a target", file=sys.stderr)
+        if args.check:
+            raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
