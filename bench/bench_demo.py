@@ -55,14 +55,15 @@ def thirds(values: list[float]) -> tuple[float, float]:
 def run_seed(work: Path, seed: int) -> dict:
     run_id = f"seed{seed}"
     started = time.perf_counter()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1"}  # dvc from the same environment
     result = subprocess.run([sys.executable, "-m", "pipeline.experiments", "--run-id", run_id, "--preset", "demo",
-                             "--set", f"seed={seed}"], cwd=work, capture_output=True, text=True)
+                             "--set", f"seed={seed}"], cwd=work, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"bench_demo: seed {seed} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    root = work / "outputs" / run_id
-    with next((root / "train_logs" / "plots" / "metrics").rglob("reward.tsv")).open() as f:
+    with (work / "reports" / "train" / "plots" / "metrics" / "reward.tsv").open() as f:
         rewards = [float(row["reward"]) for row in csv.DictReader(f, delimiter="\t")]
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    metrics = json.loads((work / "reports" / "eval_metrics.json").read_text())
     first, last = thirds(rewards)
     base, adapter = metrics["base"], metrics["adapter"]
     return {"seed": seed, "steps": len(rewards), "first": first, "last": last, "ratio": last / first,

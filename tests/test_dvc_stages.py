@@ -60,3 +60,19 @@ def test_every_listed_module_exists():
         for dep in stage["deps"]:
             if dep.startswith(f"{PACKAGE}/"):
                 assert (REPO / dep).is_file(), f"dvc.yaml stage {name!r} depends on a missing file {dep}"
+
+
+def test_metrics_and_plots_are_the_paths_the_code_writes():
+    """One path per report for every run (pipeline.params.Reports), so DVC compares runs."""
+    from pipeline.params import Reports
+
+    declared = set()
+    for stage in _stages().values():
+        for kind in ("metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                assert "${" not in path, f"{path}: a report path must not change with the run"
+                declared.add(path)
+    written = {Reports.data, Reports.train, Reports.train_curves / "plots" / "metrics", Reports.evaluation,
+               Reports.comparison}
+    assert declared == {str(path) for path in written}

@@ -71,16 +71,22 @@ def test_four_stages_write_their_outputs(clone, demo_run):
 
 
 def test_the_demo_learns(clone, demo_run):
-    """The warmed-up tiny model formats sometimes; GRPO makes it format (and the reward rise)."""
+    """GRPO makes the warmed-up tiny model format and answer better. `make bench-demo` shows the
+    targets on 3 seeds (last third of the reward ≥ 1.5 × the first, strict format ≥ 0.90, accuracy's
+    95% interval above the base model's accuracy); here, on the committed seed, looser bounds, so a
+    CPU that rounds differently does not fail it."""
     import csv
 
     series = clone / "reports" / "train" / "plots" / "metrics" / "reward.tsv"
     with series.open() as f:
         rewards = [float(row["reward"]) for row in csv.DictReader(f, delimiter="\t")]
     third = len(rewards) // 3
-    assert sum(rewards[-third:]) / third > sum(rewards[:third]) / third
+    first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
+    assert last >= 1.25 * first, (first, last, rewards)
     metrics = json.loads((clone / "reports" / "eval_metrics.json").read_text())
-    assert metrics["adapter"]["strict_format"] >= metrics["base"]["strict_format"] + 0.3
+    base, adapter = metrics["base"], metrics["adapter"]
+    assert adapter["strict_format"] >= 0.8 and adapter["strict_format"] >= base["strict_format"] + 0.3
+    assert adapter["accuracy_ci95"][0] > base["accuracy"], (base, adapter)
 
 
 def test_each_warning_once_per_stage_and_tables_readable(demo_run):
