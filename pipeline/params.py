@@ -149,18 +149,24 @@ class TrainParams(_Section):
     max_logp_difference: Annotated[float, Field(gt=0.0)] | None = 0.3
     max_logp_difference_steps: PositiveInt = 3
     log_completions: bool = True
-    num_processes: PositiveInt = 1
+    num_processes: PositiveInt | Literal["auto"] = "auto"
     accelerate_config: str = "configs/accelerate/ddp.yaml"
+
+    def processes(self, visible_gpus: int) -> int:
+        """`auto`: one training process per visible GPU, one on a machine without GPUs."""
+        return max(visible_gpus, 1) if self.num_processes == "auto" else self.num_processes
 
     @model_validator(mode="after")
     def _grpo_batch_divisible(self) -> TrainParams:
         # TRL groups the completions of one generation batch by prompt; the batch must hold whole groups.
-        batch = self.per_device_train_batch_size * self.num_processes * self.gradient_accumulation_steps
+        # Under `auto` the GPU count is known only where training runs: one process's batch must hold them.
+        processes = self.processes(1)
+        batch = self.per_device_train_batch_size * processes * self.gradient_accumulation_steps
         if batch % self.num_generations:
             raise ValueError(
-                f"per_device_train_batch_size × num_processes × gradient_accumulation_steps = {batch} is not "
-                f"divisible by num_generations = {self.num_generations} (GRPO needs whole groups per batch)"
-            )
+                f"per_device_train_batch_size × num_processes ({self.num_processes}) × gradient_accumulation_steps "
+                f"= {batch} is not divisible by num_generations = {self.num_generations} (GRPO needs whole groups "
+                "per batch)")
         return self
 
 

@@ -405,13 +405,28 @@ def _save_adapter(trainer, processor, adapter_dir: Path) -> None:
 LAUNCHED_ENV = "GRPO_LAUNCHED_BY_ACCELERATE"  # set for the workers: they must train, not launch again
 
 
-def relaunch_distributed(params: Params) -> int:
-    """train.num_processes > 1: run this module in N processes on an existing launcher.
+def training_processes(params: Params, visible_gpus: int) -> int:
+    """How many training processes to start, checked before anything is loaded: TRL refuses one
+    process that sees several GPUs (it would wrap the model in nn.DataParallel)."""
+    train = params.train
+    processes = train.processes(visible_gpus)
+    if processes == 1 and visible_gpus > 1:
+        raise SystemExit(f"train: error: train.num_processes is 1 but {visible_gpus} GPUs are visible, and TRL's "
+                         "GRPOTrainer cannot use several GPUs from one process. Set train.num_processes: auto (one "
+                         "process per GPU) or pick one GPU (make train GPUS=0, or CUDA_VISIBLE_DEVICES / "
+                         "HIP_VISIBLE_DEVICES)")
+    if 0 < visible_gpus < processes:
+        raise SystemExit(f"train: error: train.num_processes is {processes} but only {visible_gpus} GPUs are visible")
+    return processes  # whole GRPO groups per batch: checked with the params (one process's batch holds them)
+
+
+def relaunch_distributed(params: Params, processes: int) -> int:
+    """Run this module in N processes on an existing launcher.
 
     GPUs: `accelerate launch` with train.accelerate_config (DDP, ZeRO-2/3, FSDP2). CPU machines:
     torchrun with accelerate's CPU mode (gloo), so the distributed path is exercised without a GPU
     (accelerate's own --cpu launcher starts a single process)."""
-    n = str(params.train.num_processes)
+    n = str(processes)
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if on_gpu():
         if not Path(params.train.accelerate_config).is_file():
@@ -429,9 +444,12 @@ def relaunch_distributed(params: Params) -> int:
 def main() -> None:
     params = load_params_or_exit()
     logs.configure()
-    if params.train.num_processes > 1 and LAUNCHED_ENV not in os.environ:
-        raise SystemExit(relaunch_distributed(params))
     import torch
+
+    if LAUNCHED_ENV not in os.environ:
+        processes = training_processes(params, torch.cuda.device_count())  # no CUDA context yet; ROCm too
+        if processes > 1:
+            raise SystemExit(relaunch_distributed(params, processes))
 
     from pipeline.modeling import ModelNotAvailableError
 

@@ -260,3 +260,22 @@ def test_fingerprint_follows_code_model_and_data(tmp_path, tiny_model_dir):
         assert run_fingerprint(params, data) != first
     finally:
         os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize(("setting", "gpus", "expected"), [("auto", 0, 1), ("auto", 1, 1), ("auto", 8, 8),
+                                                            (2, 0, 2), (2, 2, 2)])
+def test_training_processes_default_to_every_visible_gpu(setting, gpus, expected):
+    from pipeline.train import training_processes
+
+    assert training_processes(parse_params(demo_params("np", train__num_processes=setting)), gpus) == expected
+
+
+@pytest.mark.parametrize(("setting", "gpus", "message"), [
+    (1, 2, "train.num_processes is 1 but 2 GPUs are visible"),
+    (4, 2, "train.num_processes is 4 but only 2 GPUs are visible"),
+])
+def test_training_processes_refuse_what_trl_cannot_run(setting, gpus, message):
+    from pipeline.train import training_processes
+
+    with pytest.raises(SystemExit, match=message):
+        training_processes(parse_params(demo_params("np", train__num_processes=setting)), gpus)
