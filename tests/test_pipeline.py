@@ -148,13 +148,13 @@ def test_two_runs_compare_metrics_plots_and_params(clone, demo_run, tmp_path):
     names = {exp.get("name") for baseline in shown for exp in (baseline.get("experiments") or [])}
     assert {"t1", "t2"} <= names
 
-    metrics = _run(["dvc", "metrics", "diff", "t1", "t2", "--json"], clone)
+    metrics = _run(["dvc", "metrics", "diff", "t1", "t2", "--all", "--json"], clone)
     assert "failed to load" not in metrics.stderr
     evaluation = json.loads(metrics.stdout)["reports/eval_metrics.json"]
     for key in ("adapter.accuracy", "adapter.strict_format", "base.accuracy"):
         assert evaluation[key]["old"] == _dig(t1_metrics, key) and evaluation[key]["new"] is not None
     assert "step" in json.loads(metrics.stdout)["reports/train/metrics.json"]  # 24 → 4 steps
-    exp_diff = json.loads(_run(["dvc", "exp", "diff", "t1", "t2", "--json"], clone).stdout)
+    exp_diff = json.loads(_run(["dvc", "exp", "diff", "t1", "t2", "--all", "--json"], clone).stdout)
     assert "train.max_steps" in json.dumps(exp_diff["params"])
     assert "adapter.accuracy" in exp_diff["metrics"]["reports/eval_metrics.json"]
     plots = json.loads(_run(["dvc", "plots", "diff", "t1", "t2", "--json"], clone).stdout)
