@@ -249,6 +249,8 @@ def _callbacks(train=None):
                         f"train.max_logp_difference {limit} for {steps} logged steps in a row: the trainer scores "
                         "completions on inputs vLLM did not sample them from (docs/training.md, 'Rollouts that "
                         "match the policy'); the last good checkpoint is kept")
+            if not is_main_process():  # every rank checks the guards above; one prints the line
+                return
             now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
             elapsed = now - self._last[0]
             rate = (tokens - self._last[1]) / elapsed if elapsed > 0 else 0.0
