@@ -34,7 +34,7 @@ logger = logging.getLogger("pipeline.prepare")
 
 METADATA_FIELDS = ("category", "context", "grade", "skills", "source", "task")
 REQUIRED_COLUMNS = ("question", "image", "answer")
-HELPER_COLUMNS = ("drop_reason", "image_tokens", "content_key")
+HELPER_COLUMNS = ("drop_reason", "train_drop_reason", "image_tokens", "content_key")
 REPORT_EXAMPLES = 5
 MAX_PRECISION = 10  # decimal places; more is a data error, not a precision
 PNG_COMPRESS_LEVEL = 1  # lossless either way; level 1 encodes ~2× faster than 6 for a few % more bytes
@@ -239,9 +239,7 @@ def clean_choices(value: Any) -> list[str] | None:
         return None
     if any(not choice for choice in choices):
         raise BadRow("empty_choice")
-    if len(set(choices)) != len(choices):
-        raise BadRow("duplicate_choices")
-    return choices
+    return choices  # repeated options are kept for evaluation, dropped for training (`train_drop_reason`)
 
 
 def match_choice(answer: str, choices: list[str]) -> str:
@@ -468,6 +466,9 @@ def prepare_row(row: dict, index: int, rules: RowRules) -> dict:
         out["prompt"] = conversation(user_text(fields["question"], fields["choices"], fields["unit"],
                                                fields["precision"], fields["answer_type"]))
         out["content_key"] = hashlib.sha256(f"{fields['question']}\0{digest}".encode()).hexdigest()
+        if fields["choices"] and len(set(fields["choices"])) != len(fields["choices"]):
+            # a benchmark row keeps them (graded by text, docs/reward_logic.md); a policy must not learn them
+            out["train_drop_reason"] = "duplicate_choices"
         out.update({name: metadata_value(read_field(row, paths[name])) for name in METADATA_FIELDS})
     except BadRow as bad:
         out = dict.fromkeys(output_columns())
@@ -488,6 +489,7 @@ def output_features():
     message = {"role": Value("string"), "content": Value("string")}
     return Features({
         "drop_reason": Value("string"),
+        "train_drop_reason": Value("string"),
         "id": Value("string"),
         "prompt": List(message),
         "image": Image(),
@@ -615,6 +617,7 @@ class Candidate:
     image_tokens: int
     content_key: str
     label: str  # how the report names it (eval-source rows are prefixed, ids may repeat across sources)
+    train_drop_reason: str | None = None  # usable for evaluation, not for training
     split: str = ""
     prompt_tokens: int = 0
 
@@ -632,7 +635,7 @@ def row_candidates(light: dict[str, list], source_index: int, prefix: str, ledge
             continue
         seen.add(example_id)
         kept.append(Candidate(source_index, row, example_id, light["prompt"][row], light["image_tokens"][row],
-                              light["content_key"][row], prefix + example_id))
+                              light["content_key"][row], prefix + example_id, light["train_drop_reason"][row]))
     return kept
 
 
@@ -663,6 +666,17 @@ def assign_splits(candidates: list[Candidate], roles: Sequence[str], seed: int, 
     for candidate in candidates:
         role = roles[candidate.source]
         candidate.split = split_of(candidate.id, seed, eval_fraction) if role == "all" else role
+
+
+def drop_untrainable(candidates: list[Candidate], ledger: Ledger) -> list[Candidate]:
+    """Rows an evaluation grades but training should not see (repeated options): dropped from train only."""
+    kept = []
+    for candidate in candidates:
+        if candidate.split == "train" and candidate.train_drop_reason:
+            ledger.drop(candidate.train_drop_reason, candidate.label)
+        else:
+            kept.append(candidate)
+    return kept
 
 
 def drop_cross_split_duplicates(candidates: list[Candidate], ledger: Ledger) -> list[Candidate]:
@@ -796,14 +810,15 @@ def prepare(params: Params, out_dir: Path) -> dict:
         ledger = Ledger()
         per_source = []
         for index, (source, dataset) in enumerate(zip(sources, processed, strict=True)):
-            light = dataset.select_columns(["drop_reason", "id", "prompt", "image_tokens", "content_key"]).to_dict()
+            light = dataset.select_columns(["drop_reason", "train_drop_reason", "id", "prompt", "image_tokens",
+                                            "content_key"]).to_dict()
             per_source.append(row_candidates(light, index, "eval:" if source.role == "eval" else "", ledger))
         if len(per_source) == 2:
             check_id_collisions(*per_source)
         counter = PromptTokenCounter(params.model)
         candidates = length_filter([c for part in per_source for c in part], counter, budget, ledger)
         assign_splits(candidates, [s.role for s in sources], params.seed, params.data.eval_fraction)
-        candidates = drop_cross_split_duplicates(candidates, ledger)
+        candidates = drop_cross_split_duplicates(drop_untrainable(candidates, ledger), ledger)
         _check_usable(candidates, ledger, sources)
         check_disjoint(candidates)
         hashes = {f"{split}.parquet": write_split(_select_split(list(processed), candidates, split),

@@ -337,39 +337,43 @@ def _option_matches(text: str, option: str, unit: str | None) -> bool:
     return predicted is not None and value is not None and predicted == value
 
 
-def choice_index(prediction: str, choices: list[str], unit: str | None = None) -> int | None:
-    """The one option an answer names, by letter or by text; None if it names none or several.
+def named_options(prediction: str, choices: list[str], unit: str | None = None) -> set[int]:
+    """The options an answer names, by letter or by text; empty if it names none or is ambiguous.
 
     Order: a bare letter (`B`, `(b)`, `B.`) is the option at that position, as in MathVista; then the
-    option whose text matches exactly (normalised) or by value; then a letter with the option's text
-    (`(B) 12 cm`), which counts only if the text agrees with that letter.
+    options whose text matches exactly (normalised) or by value — several only when options repeat
+    the same text (MathVista has such rows); then a letter with the option's text (`(B) 12 cm`),
+    which counts only if the text agrees with that letter.
     """
     cleaned = clean_answer(prediction)
     letter = _LETTER_RE.match(cleaned)
     if letter:
         index = ord((letter.group(1) or letter.group(2)).upper()) - ord("A")
-        return index if index < len(choices) else None
-    hits = [i for i, option in enumerate(choices) if normalise_text(cleaned) == normalise_text(option)]
+        return {index} if index < len(choices) else set()
+    hits = {i for i, option in enumerate(choices) if normalise_text(cleaned) == normalise_text(option)}
     if not hits and parse_number(cleaned, unit) is not None:
-        hits = [i for i, option in enumerate(choices) if _option_matches(cleaned, option, unit)]
-    if len(hits) == 1:
-        return hits[0]
+        hits = {i for i, option in enumerate(choices) if _option_matches(cleaned, option, unit)}
     if hits:
-        return None
+        return hits
     labelled = _LETTER_TEXT_RE.match(cleaned)
     if labelled:
         index = ord((labelled.group(1) or labelled.group(2)).upper()) - ord("A")
         if index < len(choices) and _option_matches(labelled.group(3), choices[index], unit):
-            return index
-    return None
+            return {index}
+    return set()
 
 
-def _gold_choice_index(gold: str, choices: list[str], unit: str | None) -> int | None:
-    """The gold answer is an option's text in MathVista; a letter only when no option has that text."""
-    hits = [i for i, option in enumerate(choices) if option.strip() == gold.strip()]
-    if len(hits) == 1:
-        return hits[0]
-    return choice_index(gold, choices, unit)
+def choice_index(prediction: str, choices: list[str], unit: str | None = None) -> int | None:
+    """The one option an answer names; None if it names none, or several (repeated option texts)."""
+    named = named_options(prediction, choices, unit)
+    return next(iter(named)) if len(named) == 1 else None
+
+
+def gold_options(gold: str, choices: list[str], unit: str | None) -> set[int]:
+    """Every option whose text is the gold answer (MathVista gives the text; a few rows repeat it in
+    two options, and both are right); a letter only when no option has that text."""
+    same_text = {i for i, option in enumerate(choices) if option.strip() == gold.strip()}
+    return same_text or named_options(gold, choices, unit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,8 +441,8 @@ def _is_correct(prediction: str | None, row: Mapping[str, Any]) -> bool:
     question_type = row.get("question_type")
     choices = _choices(row.get("choices"))
     if choices and question_type in ("multi_choice", None):
-        picked = choice_index(prediction, choices, unit)
-        return picked is not None and picked == _gold_choice_index(gold, choices, unit)
+        picked, right = named_options(prediction, choices, unit), gold_options(gold, choices, unit)
+        return bool(picked) and picked <= right
 
     answer_type = row.get("answer_type")
     answer_type = str(answer_type) if isinstance(answer_type, str) and answer_type else None

@@ -291,6 +291,28 @@ def test_separate_eval_source_and_id_collisions(tmp_path):
         prep.prepare(make_params(train_source, **clash_settings), tmp_path / "clash")
 
 
+def test_repeated_options_are_kept_for_evaluation_and_dropped_for_training(tmp_path):
+    """MathVista testmini repeats an option's text in a few rows; a benchmark score must count them."""
+    rng = random.Random(3)
+    repeated = dict(answer="6", choices=["4", "6", "6", "8"], question_type="multi_choice", answer_type="integer")
+
+    def with_repeats(prefix: str) -> list[dict]:
+        return [*good_rows(10, seed=5, prefix=prefix),
+                mathvista_row(f"{prefix}-repeat", "How many squares?", _encode(_picture(rng)), **repeated)]
+
+    train_source = write_mathvista(tmp_path / "train.parquet", with_repeats("tr"))
+    eval_source = write_mathvista(tmp_path / "eval.parquet", with_repeats("ev"))
+    settings = {"data.eval_source": {"source": str(eval_source), "split": "testmini"}}
+    report = prep.prepare(make_params(train_source, **settings), tmp_path / "data")
+    assert report["dropped"] == {"duplicate_choices": 1} and report["dropped_examples"] == {
+        "duplicate_choices": ["tr-repeat"]}
+    assert (report["train_rows"], report["eval_rows"]) == (10, 11)
+    evaluation = load_split(tmp_path / "data", "eval")
+    row = next(r for r in evaluation if r["id"] == "ev-repeat")
+    assert row["choices"] == ["4", "6", "6", "8"] and row["answer"] == "6"
+    assert "train_drop_reason" not in evaluation.column_names
+
+
 def test_uniform_size_letterboxes_every_image(fixture_source, tmp_path):
     params = make_params(fixture_source, **{"data.uniform_size": [112, 84], "data.max_rows": 40})
     report = prep.prepare(params, tmp_path / "data")
@@ -379,7 +401,6 @@ def test_choices_precision_and_shapes():
     assert prep.clean_precision("2") == 2.0 and prep.clean_precision(None) is None
     rules = prep.ImageRules(FACTOR, MIN_PIXELS, MAX_PIXELS, max_aspect_ratio=50.0)
     for call, reason in [(lambda: prep.clean_choices("a or b"), "unparseable_choices"),
-                         (lambda: prep.clean_choices(["a", "a"]), "duplicate_choices"),
                          (lambda: prep.clean_precision(float("inf")), "unparseable_precision"),
                          (lambda: prep.check_shape(0, 10, rules), "zero_size_image"),
                          (lambda: prep.check_shape(10, 600, rules), "extreme_aspect_ratio")]:
