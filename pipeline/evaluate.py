@@ -64,11 +64,14 @@ def summarise(scored: Sequence[dict], generations: Sequence) -> dict:
     }
 
 
-BREAKDOWN_FIELDS = ("question_type", "answer_type", "category", "context", "skills", "task")
+# MathVista's own breakdown (its evaluation/calculate_score.py), in its order
+BREAKDOWN_FIELDS = ("question_type", "answer_type", "language", "source", "category", "task", "context", "grade",
+                    "skills")
 
 
 def breakdown(rows: Sequence[dict], scored: Sequence[dict]) -> dict[str, dict[str, dict]]:
-    """Accuracy per value of each MathVista field present (skills: one row counts for each skill)."""
+    """Accuracy per value of each MathVista field present, with its 95% interval (skills: one row
+    counts for each of its skills), as MathVista reports its scores."""
     groups: dict[str, dict[str, list[bool]]] = {}
     for row, score in zip(rows, scored, strict=True):
         for field in BREAKDOWN_FIELDS:
@@ -79,7 +82,8 @@ def breakdown(rows: Sequence[dict], scored: Sequence[dict]) -> dict[str, dict[st
             for item in values:
                 groups.setdefault(field, {}).setdefault(item, []).append(score["correct"])
     return {
-        field: {value: {"rows": len(hits), "accuracy": round(sum(hits) / len(hits), 4)}
+        field: {value: {"rows": len(hits), "correct": sum(hits), "accuracy": round(sum(hits) / len(hits), 4),
+                        "accuracy_ci95": list(wilson_interval(sum(hits), len(hits)))}
                 for value, hits in sorted(by_value.items())}
         for field, by_value in groups.items()
     }
@@ -118,6 +122,9 @@ def evaluate(params: Params) -> dict:
                  for name in MODELS}
     metrics = build_metrics(summaries)
     _write_predictions(params.output_dir / "eval" / "predictions.jsonl", rows, generations, scored, backend)
+    for name in MODELS:
+        output = mathvista_output(rows, generations[name], scored[name])
+        (params.output_dir / "eval" / f"mathvista_output_{name}.json").write_text(json.dumps(output, indent=1) + "\n")
     return metrics
 
 
@@ -191,6 +198,31 @@ def _write_predictions(path: Path, rows, generations, scored, backend: str) -> N
                 record[name] = {"prediction": generation.text, "error": generation.error, **scored[name][i],
                                 "completion_tokens": generation.num_tokens, "prompt_tokens": generation.prompt_tokens}
             f.write(json.dumps(record) + "\n")
+
+
+MATHVISTA_METADATA = ("category", "context", "grade", "language", "source", "task")
+
+
+def mathvista_output(rows: Sequence[dict], generations: Sequence, scored: Sequence[dict]) -> dict[str, dict]:
+    """MathVista's output file: pid → the problem with `response`, `extraction` and `true_false`, the
+    input MathVista's own evaluation/calculate_score.py grades (it re-derives `true_false` from
+    `extraction` by its rules; ours, from the same extraction, is kept for comparison)."""
+    output = {}
+    for row, generation, score in zip(rows, generations, scored, strict=True):
+        precision = row.get("precision")
+        metadata = {field: row.get(field) for field in MATHVISTA_METADATA}
+        metadata["skills"] = [s.strip() for s in (row.get("skills") or "").split(",") if s.strip()]
+        output[row["id"]] = {
+            "question": row["question"], "choices": row.get("choices"), "unit": row.get("unit"),
+            "precision": None if precision is None else int(precision),  # the scorer rounds to it: an int
+            "answer": row["answer"], "question_type": row["question_type"], "answer_type": row["answer_type"],
+            "metadata": metadata,
+            "query": next((m["content"] for m in row["prompt"] if m["role"] == "user"), row["question"]),
+            "response": generation.text or "",
+            "extraction": score["extracted"] or "",
+            "true_false": bool(score["correct"]),
+        }
+    return output
 
 
 def main() -> None:

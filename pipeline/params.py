@@ -91,6 +91,7 @@ class ColumnMap(_Section):
     category: ColumnName | None = "metadata.category"
     context: ColumnName | None = "metadata.context"
     grade: ColumnName | None = "metadata.grade"
+    language: ColumnName | None = "metadata.language"
     skills: ColumnName | None = "metadata.skills"
     source: ColumnName | None = "metadata.source"
     task: ColumnName | None = "metadata.task"

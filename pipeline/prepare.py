@@ -32,7 +32,7 @@ from pipeline.prompts import conversation, user_text
 
 logger = logging.getLogger("pipeline.prepare")
 
-METADATA_FIELDS = ("category", "context", "grade", "skills", "source", "task")
+METADATA_FIELDS = ("category", "context", "grade", "language", "skills", "source", "task")
 REQUIRED_COLUMNS = ("question", "image", "answer")
 HELPER_COLUMNS = ("drop_reason", "train_drop_reason", "image_tokens", "content_key")
 REPORT_EXAMPLES = 5

@@ -89,6 +89,41 @@ def test_the_demo_learns(clone, demo_run):
     assert adapter["accuracy_ci95"][0] > base["accuracy"], (base, adapter)
 
 
+def test_mathvista_scores_layout_and_output_files(clone, demo_run):
+    """metrics.json breaks accuracy down as MathVista reports it; the output files are what its own
+    evaluation/calculate_score.py reads (tests/mathvista_scorer.py restates its rules)."""
+    from mathvista_scorer import TARGET_KEYS, normalize, score
+
+    metrics = json.loads((clone / "reports" / "eval_metrics.json").read_text())
+    for model in ("base", "adapter"):
+        by = metrics[model]["by"]
+        assert set(by) <= set(TARGET_KEYS) and {"question_type", "answer_type", "language", "skills"} <= set(by)
+        for groups in by.values():
+            for stats in groups.values():
+                assert stats["accuracy_ci95"][0] <= stats["accuracy"] <= stats["accuracy_ci95"][1]
+        output = json.loads((clone / "outputs" / "t1" / "eval" / f"mathvista_output_{model}.json").read_text())
+        assert len(output) == metrics[model]["rows"]
+        official = score(output)
+        assert official["average"]["total"] == metrics[model]["rows"] and set(official) == {"average", *TARGET_KEYS}
+        ours = {pid: problem["true_false"] for pid, problem in output.items()}
+        theirs = {pid: normalize(p["extraction"], p["choices"], p["question_type"], p["answer_type"], p["precision"])
+                  == p["answer"] for pid, p in output.items()}
+        disagree = [pid for pid in ours if ours[pid] != theirs[pid]]
+        assert len(disagree) <= 0.1 * len(ours), disagree  # same extraction; the rules differ only at the edges
+
+
+def test_the_restated_mathvista_rules():
+    from mathvista_scorer import normalize
+
+    colours = ["red", "green", "blue"]
+    assert normalize("B", colours, "multi_choice", "text", None) == "green"
+    assert normalize("(C) whatever", colours, "multi_choice", "text", None) == "blue"
+    assert normalize("gren", colours, "multi_choice", "text", None) == "green"  # the nearest option
+    assert normalize("3.0", None, "free_form", "integer", None) == "3"
+    assert normalize("2.345", None, "free_form", "float", 2) == "2.35" and normalize("x", None, "free_form",
+                                                                                         "float", 1) is None
+
+
 def test_each_warning_once_per_stage_and_tables_readable(demo_run):
     """vLLM's CPU worker warns at every torch.set_num_threads call (hundreds per stage unfiltered)."""
     assert 1 <= demo_run.count("doesn't allow to use `torch.set_num_threads`") <= 2  # train and evaluate

@@ -22,7 +22,7 @@ SEED = 42
 EVAL_FRACTION = 0.2
 FACTOR, MIN_PIXELS, MAX_PIXELS = 28, 3136, 50176  # a small budget keeps the suite fast
 OUTPUT_COLUMNS = ["id", "prompt", "image", "question", "answer", "choices", "question_type", "answer_type",
-                  "precision", "unit", "category", "context", "grade", "skills", "source", "task"]
+                  "precision", "unit", "category", "context", "grade", "language", "skills", "source", "task"]
 EXPECTED_DROPS = {
     "answer_not_in_choices": 1, "duplicate_id": 1, "duplicate_of_eval_row": 1, "empty_question": 1,
     "extreme_aspect_ratio": 1, "missing_answer": 1, "missing_image": 1, "question_type_mismatch": 1,
