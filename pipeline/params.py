@@ -342,9 +342,18 @@ def apply_overrides(raw: dict, overrides: dict[str, object], source: str = "over
     return merged
 
 
+def _override_value(value: object) -> str:
+    """A value in DVC's override grammar (Hydra's): JSON, except that mapping keys go unquoted."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{_override_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(item) for item in value) + "]"
+    return json.dumps(value)
+
+
 def dvc_set_args(overrides: dict[str, object]) -> list[str]:
-    """`dvc exp run -S` arguments; JSON renders every value in a form DVC's override grammar reads."""
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    """`dvc exp run -S` arguments."""
+    return [f"{key}={_override_value(value)}" for key, value in overrides.items()]
 
 
 def main(argv: list[str] | None = None) -> None:

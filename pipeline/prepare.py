@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ METADATA_FIELDS = ("category", "context", "grade", "language", "skills", "source
 REQUIRED_COLUMNS = ("question", "image", "answer")
 HELPER_COLUMNS = ("drop_reason", "train_drop_reason", "image_tokens", "content_key")
 REPORT_EXAMPLES = 5
+IMAGE_PLACEHOLDER_RE = re.compile(r"<image>")
 MAX_PRECISION = 10  # decimal places; more is a data error, not a precision
 PNG_COMPRESS_LEVEL = 1  # lossless either way; level 1 encodes ~2× faster than 6 for a few % more bytes
 JPEG_QUALITY = 95  # re-encoding a JPEG source: visually lossless, far below PNG's size for photos
@@ -427,6 +429,8 @@ def output_columns() -> tuple[str, ...]:
 def _question_fields(row: dict, paths: dict) -> dict:
     """Text fields, validated in the order a reader would notice problems."""
     question = clean_text(read_field(row, paths["question"]))
+    if question is not None:  # LLaVA-style `<image>` placeholders: the picture goes in as an image part
+        question = clean_text(IMAGE_PLACEHOLDER_RE.sub(" ", question))
     if question is None:
         raise BadRow("empty_question")
     answer = clean_answer(read_field(row, paths["answer"]))

@@ -144,3 +144,37 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 def test_override_of_unknown_key_is_rejected():
     with pytest.raises(ParamsError, match="unknown key"):
         apply_overrides(SHIPPED, {"train.lr": 1e-3})
+
+
+def test_every_preset_goes_through_dvcs_override_grammar(tmp_path):
+    """A run applies a preset with `dvc exp run -S key=value`: every value (lists, mappings such as
+    data.eval_source) must come out in params.yaml as the preset says."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.params import apply_overrides, dvc_set_args, read_overrides
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+
+    def run(*cmd: str) -> None:
+        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  noop:\n    cmd: 'true'\n    params: [data, train, lora, model]\n")
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "init")
+    for preset in sorted((REPO / "presets").glob("*.yaml")):
+        overrides = read_overrides(preset, [])
+        run("dvc", "exp", "run", "-q", *(arg for item in dvc_set_args(overrides) for arg in ("-S", item)))
+        expected = apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+        assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == expected, preset.name
+        shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")

@@ -406,3 +406,28 @@ def test_choices_precision_and_shapes():
                          (lambda: prep.check_shape(10, 600, rules), "extreme_aspect_ratio")]:
         with pytest.raises(prep.BadRow, match=reason):
             call()
+
+
+def test_geometry3k_schema_through_the_leaderboard_presets_column_map(tmp_path):
+    """presets/mathvista-leaderboard.yaml trains on Geometry3K: its Hub schema (images as a list of
+    one, problem with a `<image>` placeholder, answer, int id, choices, ground_truth letter) on a
+    local file, read through the preset's own column map."""
+    import yaml
+    from datasets import Dataset, Features, Image, List, Value
+
+    preset = yaml.safe_load((REPO / "presets" / "mathvista-leaderboard.yaml").read_text())
+    columns = {key: value for key, value in preset.items() if key.startswith("data.columns.")}
+    rng = random.Random(11)
+    rows = [{"images": [{"bytes": _encode(_picture(rng)), "path": None}],
+             "problem": f"<image>Find x in figure {i}.", "answer": ["12", "\\frac{20}{3}", "2\\sqrt{221}"][i % 3],
+             "id": i, "choices": ["3", "12", "\\frac{20}{3}", "2\\sqrt{221}"], "ground_truth": "B"} for i in range(20)]
+    features = Features({"images": List(Image()), "problem": Value("string"), "answer": Value("string"),
+                         "id": Value("int64"), "choices": List(Value("string")), "ground_truth": Value("string")})
+    source = tmp_path / "geometry3k.parquet"
+    Dataset.from_list(rows, features=features).to_parquet(str(source))
+    report = prep.prepare(make_params(source, **columns), tmp_path / "data")
+    assert report["dropped"] == {} and report["rows_kept"] == 20
+    data = [*load_split(tmp_path / "data", "train"), *load_split(tmp_path / "data", "eval")]
+    first = next(row for row in data if row["id"] == "1")
+    assert first["question"] == "Find x in figure 1." and "<image>" not in first["prompt"][1]["content"]
+    assert first["answer"] == "\\frac{20}{3}" and first["question_type"] == "free_form" and first["choices"] is None
