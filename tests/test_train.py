@@ -279,3 +279,24 @@ def test_training_processes_refuse_what_trl_cannot_run(setting, gpus, message):
 
     with pytest.raises(SystemExit, match=message):
         training_processes(parse_params(demo_params("np", train__num_processes=setting)), gpus)
+
+
+def test_the_documented_multinode_recipe_parses_and_agrees_with_the_stage():
+    """docs/training.md's 2 × 8 GPU recipe, read by accelerate's own launch parser."""
+    import re
+    import shlex
+
+    from accelerate.commands.launch import launch_command_parser
+
+    from pipeline.train import LAUNCHED_ENV
+
+    doc = (REPO / "docs" / "training.md").read_text()
+    block = re.search(r"<!-- multinode-recipe -->\n```bash\n(.*?)```\n<!-- /multinode-recipe -->", doc, re.S).group(1)
+    assert f"export {LAUNCHED_ENV}=1" in block
+    command = block[block.index("accelerate launch"):].replace("\\\n", " ")
+    for rank in (0, 1):
+        words = shlex.split(command.replace("$NODE_RANK", str(rank)).replace("$MAIN_ADDR", "node0.example.invalid"))
+        args = launch_command_parser().parse_args(words[2:])
+        assert (REPO / args.config_file).is_file() and args.module and args.training_script == "pipeline.train"
+        assert args.num_machines == 2 and args.machine_rank == rank < args.num_machines
+        assert args.num_processes == 8 * args.num_machines and args.main_process_port == 29500
