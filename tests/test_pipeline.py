@@ -193,7 +193,7 @@ def test_two_runs_compare_metrics_plots_and_params(clone, demo_run, tmp_path):
     assert "train.max_steps" in json.dumps(exp_diff["params"])
     assert "adapter.accuracy" in exp_diff["metrics"]["reports/eval_metrics.json"]
     plots = json.loads(_run(["dvc", "plots", "diff", "t1", "t2", "--json"], clone).stdout)
-    reward = {path: data for path, data in plots.items() if path.endswith("reward.tsv")}
+    reward = {path: data for path, data in plots["data"].items() if path.endswith("/reward.tsv")}
     assert reward and {"t1", "t2"} <= _revisions(reward)
 
     table = _run([sys.executable, "-m", "pipeline.compare"], clone).stdout
