@@ -212,7 +212,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class RolloutMismatch(RuntimeError):
-    """vLLM sampled from one context and the trainer scores another (issue 16, docs/training.md)."""
+    """vLLM sampled from one context and the trainer scores another (docs/training.md, "Rollouts that match
+    the policy")."""
 
 
 _IMPORTED_AT = time.perf_counter()  # ≈ process start: the trainer's start-up time is measured from here
