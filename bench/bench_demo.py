@@ -47,6 +47,16 @@ def copy_working_tree(dest: Path) -> None:
     subprocess.run(["git", "commit", "-q", "-m", "bench"], cwd=dest, check=True, env=env)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def thirds(values: list[float]) -> tuple[float, float]:
     third = len(values) // 3
     return sum(values[:third]) / third, sum(values[-third:]) / third
@@ -103,7 +113,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="exit 1 when a seed misses a target")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"bench_demo: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"bench_demo: {cpu_name()}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.1f}; seeds {seeds}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
@@ -115,7 +125,7 @@ def main() -> None:
         for seed in seeds:
             rows.append(run_seed(work, seed))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    report = (f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores), "
+    report = (f"Measured {date.today().isoformat()} on {cpu_name()} ({os.cpu_count()} cores), "
               f"`bench/bench_demo.py --seeds {args.seeds}`; targets: last / first ≥ {RATIO_TARGET}, "
               f"adapter strict format ≥ {FORMAT_TARGET}, adapter accuracy's 95% CI above the base model's "
               f"accuracy.\n\n{table(rows)}")
