@@ -48,10 +48,14 @@ def test_every_number_on_canned_generations(metrics):
     assert base["mean_completion_tokens"] == 4.5
     assert metrics["delta"]["accuracy"] == 0.25 and metrics["delta"]["strict_format"] == 0.75
     assert base["accuracy_ci95"] == list(wilson_interval(2, 4))
-    assert adapter["by"]["question_type"] == {"free_form": {"rows": 3, "accuracy": 0.6667},
-                                              "multi_choice": {"rows": 1, "accuracy": 1.0}}
-    assert adapter["by"]["skills"]["counting"] == {"rows": 3, "accuracy": 0.6667}
-    assert adapter["by"]["category"]["general-vqa"] == {"rows": 2, "accuracy": 0.5}
+    # MathVista's breakdown: correct, total and accuracy per value, plus our 95% interval
+    assert adapter["by"]["question_type"] == {
+        "free_form": {"rows": 3, "correct": 2, "accuracy": 0.6667, "accuracy_ci95": list(wilson_interval(2, 3))},
+        "multi_choice": {"rows": 1, "correct": 1, "accuracy": 1.0, "accuracy_ci95": list(wilson_interval(1, 1))}}
+    assert adapter["by"]["skills"]["counting"] == {"rows": 3, "correct": 2, "accuracy": 0.6667,
+                                                   "accuracy_ci95": list(wilson_interval(2, 3))}
+    assert adapter["by"]["category"]["general-vqa"] == {"rows": 2, "correct": 1, "accuracy": 0.5,
+                                                        "accuracy_ci95": list(wilson_interval(1, 2))}
 
 
 def test_wilson_interval_is_bounded_and_sensible():
