@@ -10,7 +10,6 @@ tables are generated from `GRADING_CASES` and `EXTRACTION_CASES` (tests/test_rew
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mathvista_scorer import normalize
 
 from pipeline.scoring import (
     MAX_ANSWER_CHARS,
@@ -164,45 +164,11 @@ EXTRACTION_CASES: list[tuple[str | None, str | None, str]] = [
 # ---------------------------------------------------------------------------------------------
 # MathVista's official scorer, ported as the oracle for the "same/stricter/lenient" claims
 # ---------------------------------------------------------------------------------------------
-def _levenshtein(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
-
-
 def mathvista_correct(extraction: str, row: dict) -> bool:
-    """normalize_extracted_answer + safe_equal from MathVista's evaluation/calculate_score.py."""
-    choices, answer_type, precision = row["choices"], row["answer_type"], row["precision"]
-    if row["question_type"] == "multi_choice":
-        extraction = extraction.strip()
-        letter = re.findall(r"\(([a-zA-Z])\)", extraction)
-        if letter:
-            extraction = letter[0].upper()
-        options = [chr(ord("A") + i) for i in range(len(choices))]
-        if extraction in options:
-            prediction = choices[options.index(extraction)]
-        else:
-            distances = [_levenshtein(extraction, choice) for choice in choices]
-            prediction = choices[distances.index(min(distances))]
-    elif answer_type == "integer":
-        try:
-            prediction = str(int(float(extraction)))
-        except Exception:  # noqa: BLE001 - as MathVista
-            prediction = None
-    elif answer_type == "float":
-        try:
-            prediction = str(round(float(extraction), int(precision)))
-        except Exception:  # noqa: BLE001 - as MathVista
-            prediction = None
-    elif answer_type == "list":
-        prediction = str(extraction)
-    else:
-        prediction = extraction
-    return prediction == row["answer"]
+    """normalize_extracted_answer + safe_equal from MathVista's evaluation/calculate_score.py
+    (restated in tests/mathvista_scorer.py); our rows hold precision as a float, its files an int."""
+    precision = None if row["precision"] is None else int(row["precision"])
+    return normalize(extraction, row["choices"], row["question_type"], row["answer_type"], precision) == row["answer"]
 
 
 # ---------------------------------------------------------------------------------------------
