@@ -78,8 +78,21 @@ FORWARD   = $(strip $(foreach v,RUN_ID PRESET NPROC IMAGES PROMPT ARGS SHAPE,$(i
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
+# Inside the image (GRPO_IN_IMAGE) or with LOCAL=1 on a GPU host, the Python environment on PATH is the
+# project's (the image's, or yours with requirements/gpu.txt): `setup` checks that it imports instead
+# of building the CPU .venv.
+OWN_ENV := $(or $(GRPO_IN_IMAGE),$(if $(filter 1,$(LOCAL)),$(GPU_HOST)))
+ifneq ($(OWN_ENV),)
+PYTHON := $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
+endif
+
 setup:  ## create .venv with the pinned CPU stack (idempotent)
+ifneq ($(OWN_ENV),)
+	@$(PYTHON) -c "import trl, peft, datasets, dvc, pipeline.params" \
+	  || { echo "setup: $(PYTHON) lacks the project's packages: install requirements/gpu.txt (docs/containers.md)" >&2; exit 1; }
+else
 	@bash scripts/setup_cpu_env.sh
+endif
 
 check: setup  ## validate params.yaml (with PRESET=… and RUN_ID=… applied) in a few seconds
 	@$(PYTHON) -m pipeline.params $(if $(PRESET),--preset $(PRESET_FILE)) $(if $(RUN_ID),--set run_id=$(RUN_ID))
@@ -138,9 +151,10 @@ endif
 compare: setup  ## every run's headline metrics and differing params (all of them: dvc exp show)
 	@$(PYTHON) -m pipeline.compare
 
-vllm-serve:  ## vLLM server for train.vllm_mode=server, on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…]
+vllm-serve:  ## vLLM server for train.vllm_mode=server on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…] [MAX_MODEL_LEN=…]
 	CUDA_VISIBLE_DEVICES=$(or $(GPUS),0) HIP_VISIBLE_DEVICES=$(or $(GPUS),0) \
-	  trl vllm-serve --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000)
+	  $(PYTHON) -m trl.cli.main vllm-serve --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000) \
+	  --gpu_memory_utilization $(or $(GPU_MEMORY),0.9) $(if $(MAX_MODEL_LEN),--max_model_len $(MAX_MODEL_LEN))
 
 test: setup  ## the test suite (CPU, no network)
 	$(PYTHON) -m pytest
