@@ -90,7 +90,7 @@ $(error this is a GPU host ($(GPU_HOST)) but the image $(GPU_IMAGE) is not built
 endif
 endif
 shquote   = '$(subst ','"'"',$(1))'
-FORWARD   = $(strip $(foreach v,RUN_ID PRESET NPROC IMAGES PROMPT ARGS SHAPE,$(if $($(v)),$(v)=$(call shquote,$($(v))))))
+FORWARD   = $(strip $(foreach v,RUN_ID PRESET NPROC IMAGES PROMPT ARGS SHAPE CONFIGS,$(if $($(v)),$(v)=$(call shquote,$($(v))))))
 
 .PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-gpu infer image shell image-train image-repro
 
@@ -158,9 +158,10 @@ bench: setup  ## CPU benchmarks (reward scoring, prepare); tables in docs/perfor
 bench-demo: setup  ## the demo pipeline over 3 seeds: does it learn? (~6 min; table into docs/performance.md)
 	$(PYTHON) bench/bench_demo.py --write
 
-bench-gpu:  ## GRPO step time, seed's setup vs tuned, with floors: make bench-gpu [SHAPE=qwen2_5_vl-3b|qwen3_vl-8b]
-	python3 bench/bench_gpu.py --shape $(or $(SHAPE),qwen2_5_vl-7b) --configs A-seed,B-tuned \
-	  --work .cache/bench-gpu --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F-%H%M).json
+bench-gpu:  ## GRPO step time with floors: make bench-gpu [SHAPE=qwen3_vl-8b] [CONFIGS=B-tuned@2,B-server] [NPROC=2]
+	python3 bench/bench_gpu.py --shape $(or $(SHAPE),qwen2_5_vl-7b) --configs $(or $(CONFIGS),A-seed,B-tuned) \
+	  $(if $(NPROC),--gpus $(NPROC)) --work .cache/bench-gpu \
+	  --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F-%H%M).json $(ARGS)
 
 # Registered runs (or the base model) on your own images; see docs/inference_guide.md.
 infer: setup  ## make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all|base|id,id] [ARGS="--enable_wandb"]

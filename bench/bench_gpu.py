@@ -12,8 +12,10 @@ written per configuration. Run on a GPU machine: `make bench-gpu` (or `python be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -90,7 +92,15 @@ CONFIGS = {
     "B-1p": {**TUNED, "train.per_device_train_batch_size": 8, "train.gradient_accumulation_steps": 1},
     "B-micro2-4p": {**TUNED, "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 8,
                     "train.num_generations": 4},
+    # Several GPUs: `NAME@N` runs a config on N GPUs, one training process each (`train.num_processes: auto`
+    # relaunches the stage under accelerate, DDP unless the config names another accelerate config).
+    # Weak scaling: B-tuned@2 (16 completions per GPU per step); strong scaling: B-strong@2 (16 in all).
+    "B-strong": {**TUNED, "train.gradient_accumulation_steps": 2},
+    "B-fsdp2": {**TUNED, "train.accelerate_config": "configs/accelerate/fsdp2.yaml"},
+    # vLLM server mode: `make vllm-serve` on one GPU after the N training GPUs, weights synced over NCCL
+    "B-server": {**TUNED, "train.vllm_mode": "server"},
 }
+SERVER_PORT = 8000
 # The most `sampling/sampling_logp_difference/mean` a step may show (random weights: ~0.05-0.09 with
 # everything right, 0.56-0.73 on the steps that issue 16 broke); above it the benchmark exits 1.
 MAX_LOGP_DIFFERENCE = 0.15
@@ -129,7 +139,8 @@ def build_model_dir(out: Path, shape: str) -> Path:
 
 
 def measure_floors() -> dict:
-    """What the card can do at best (METHOD.md): a large device-to-device copy and a large bf16 matmul."""
+    """What the card can do at best (METHOD.md): a large device-to-device copy and a large bf16 matmul,
+    and with several GPUs a copy from GPU 0 to GPU 1 (the server-mode weight sync's link)."""
     import torch
 
     def timed(fn, repeats: int) -> float:
@@ -151,14 +162,23 @@ def measure_floors() -> dict:
         b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
         return timed(lambda: a @ b, 50)
 
+    def peer_seconds(size: int = 4 << 30) -> float:
+        src = torch.empty(size, dtype=torch.uint8, device="cuda:0")
+        dst = torch.empty(size, dtype=torch.uint8, device="cuda:1")
+        return timed(lambda: dst.copy_(src), 10)
+
     n = 8192
     copy_s, matmul_s = copy_seconds(), matmul_seconds(n)
-    torch.cuda.empty_cache()
-    return {
+    floors = {
         "device": torch.cuda.get_device_name(),
+        "gpus": torch.cuda.device_count(),
         "copy_gb_s": round(2 * (4 << 30) / copy_s / 1e9, 1),  # bytes read + bytes written
         "matmul_tflop_s": round(2 * n ** 3 / matmul_s / 1e12, 1),
     }
+    if torch.cuda.device_count() > 1:
+        floors["peer_gb_s"] = round((4 << 30) / peer_seconds() / 1e9, 1)  # bytes that crossed the link
+    torch.cuda.empty_cache()
+    return floors
 
 
 # --mixed-sizes: MathVista's pictures differ in size; the processor (min = max pixels) keeps the area,
@@ -166,7 +186,7 @@ def measure_floors() -> dict:
 MIXED_SIZES = [(448, 448), (560, 336), (336, 560), (616, 308), (392, 504), (504, 392)]
 
 
-def build_dataset(out: Path, rows: int = 256, mixed_sizes: bool = False) -> Path:
+def build_dataset(out: Path, rows: int = 256, mixed_sizes: bool = False, seed: int = 0) -> Path:
     """MathVista-schema rows with 448×448 images (or mixed sizes) and MathVista-length questions."""
     from datasets import Dataset
 
@@ -175,7 +195,7 @@ def build_dataset(out: Path, rows: int = 256, mixed_sizes: bool = False) -> Path
     path = out / "data" / "testmini-00000-of-00001.parquet"
     if path.exists():
         return out
-    data = synthetic.make_rows(rows, seed=0)
+    data = synthetic.make_rows(rows, seed=seed)
     for i, row in enumerate(data):
         size = MIXED_SIZES[i % len(MIXED_SIZES)] if mixed_sizes else (IMAGE_SIDE, IMAGE_SIDE)
         row["decoded_image"] = row["decoded_image"].resize(size)
@@ -187,21 +207,26 @@ def build_dataset(out: Path, rows: int = 256, mixed_sizes: bool = False) -> Path
 
 
 class GpuMemory:
-    """Peak memory of the whole device (vLLM's pool and every process included), sampled every
-    0.5 s with `torch.cuda.mem_get_info`: the same on ROCm and CUDA, no vendor tool needed."""
+    """Peak memory of whole devices (vLLM's pool and every process included), sampled every 0.5 s
+    with `torch.cuda.mem_get_info`: the same on ROCm and CUDA, no vendor tool needed."""
 
-    def __init__(self, device: int = 0):
-        self.device = device
-        self.peak_mib = 0
+    def __init__(self, devices: list[int] | None = None):
+        self.devices = devices or [0]
+        self.peaks_mib = {device: 0 for device in self.devices}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    @property
+    def peak_mib(self) -> int:
+        return max(self.peaks_mib.values())
 
     def _poll(self):
         import torch
 
         while not self._stop.is_set():
-            free, total = torch.cuda.mem_get_info(self.device)
-            self.peak_mib = max(self.peak_mib, (total - free) // (1 << 20))
+            for device in self.devices:
+                free, total = torch.cuda.mem_get_info(device)
+                self.peaks_mib[device] = max(self.peaks_mib[device], (total - free) // (1 << 20))
             time.sleep(0.5)
 
     def __enter__(self):
@@ -213,7 +238,8 @@ class GpuMemory:
         self._thread.join()
 
 
-def params_for(name: str, overrides: dict, model_dir: Path, data_dir: Path, steps: int) -> dict:
+def params_for(name: str, overrides: dict, model_dir: Path, data_dir: Path, steps: int,
+               eval_dir: Path | None = None) -> dict:
     from pipeline.params import apply_overrides
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -222,8 +248,15 @@ def params_for(name: str, overrides: dict, model_dir: Path, data_dir: Path, step
         "model.min_pixels": IMAGE_SIDE * IMAGE_SIDE, "model.max_pixels": IMAGE_SIDE * IMAGE_SIDE,
         "data.source": str(data_dir), "data.eval_fraction": 0.1, "train.max_steps": steps,
         "train.save_steps": 10_000, "train.log_completions": False, "tracking.wandb_mode": "disabled",
+        "train.vllm_server_port": SERVER_PORT,
     }
-    return apply_overrides(base, {**common, **overrides}, f"bench {name}")
+    if eval_dir:  # a separate eval set, whole, as MathVista testmini is evaluated
+        common["data.eval_source"] = {"source": str(eval_dir), "split": "testmini"}
+    merged = {**common, **overrides}
+    # the stage runs in the config's own folder: the accelerate config is named from the repository
+    accelerate_config = merged.get("train.accelerate_config", base["train"]["accelerate_config"])
+    merged["train.accelerate_config"] = str(REPO / accelerate_config)
+    return apply_overrides(base, merged, f"bench {name}")
 
 
 def _median(entries: list[dict], key: str) -> float | None:
@@ -231,7 +264,7 @@ def _median(entries: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def phase_split(history: list[dict], warmup: int, completions_per_step: int) -> dict:
+def phase_split(history: list[dict], warmup: int, completions_per_step: int, gpus: int = 1) -> dict:
     """Median per-step phase times from the trainer's own log (pipeline.train logs `time/<phase>`)."""
     steps = [e for e in history if "step_time" in e]
     timed = steps[warmup:]
@@ -254,29 +287,34 @@ def phase_split(history: list[dict], warmup: int, completions_per_step: int) -> 
         "tokens_per_step": round(tokens_per_step) if tokens_per_step else None,
         "rollout_tokens_s": round(completion_tokens / rollout) if rollout else None,
         "train_tokens_s": round(tokens_per_step / train) if tokens_per_step and train else None,
+        "completions_s_gpu": round(completions_per_step / step / gpus, 2),
         "startup_s": round(steps[0].get("time/startup", float("nan")), 1),
         "logp_diff": [round(e.get("sampling/sampling_logp_difference/mean", float("nan")), 4) for e in steps],
     }
 
 
-def phase_floors(result: dict, floors: dict, model: dict, params: dict) -> dict:
+def phase_floors(result: dict, floors: dict, model: dict, params: dict, gpus: int = 1) -> dict:
     """Each phase's best possible time on this card (METHOD.md), from the measured copy and matmul rates.
 
     rollout: every decode step reads all bf16 weights (plus the KV cache, on average half of its final
-    size) once; completions run to max_completion_length. train: 6 × parameters × tokens.
-    sync: the merged weights are copied into vLLM once (read + write)."""
+    size) once; completions run to max_completion_length; colocated, each of the `gpus` decodes its
+    share, a server decodes them all. train: 6 × parameters × tokens, split over the `gpus`.
+    sync: the merged weights are copied into vLLM once (read + write), or sent once over the link
+    to the server's GPU."""
     bandwidth = floors["copy_gb_s"] * 1e9
     weight_bytes = 2 * model["parameters"]
     text = SHAPES[model["shape"]]["text"]
     head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
     kv_bytes_per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 2
     decode_steps = params["train"]["max_completion_length"]
-    sequences = params["train"]["per_device_train_batch_size"] * params["train"]["gradient_accumulation_steps"]
+    completions = params["train"]["per_device_train_batch_size"] * params["train"]["gradient_accumulation_steps"] * gpus
+    server = params["train"]["vllm_mode"] == "server"
+    sequences = completions if server else completions / gpus  # decoded by one vLLM engine
     tokens = result.get("tokens_per_step") or 0
-    mean_context = tokens / sequences / 2 if sequences else 0
+    mean_context = tokens / completions / 2 if completions else 0
     rollout = decode_steps * (weight_bytes + sequences * mean_context * kv_bytes_per_token) / bandwidth
-    train = 6 * model["parameters"] * tokens / (floors["matmul_tflop_s"] * 1e12)
-    sync = 2 * weight_bytes / bandwidth
+    train = 6 * model["parameters"] * tokens / gpus / (floors["matmul_tflop_s"] * 1e12)
+    sync = weight_bytes / (floors.get("peer_gb_s", 0) * 1e9) if server else 2 * weight_bytes / bandwidth
     out = {"rollout_floor_s": round(rollout, 2), "train_floor_s": round(train, 2), "sync_floor_s": round(sync, 3),
            "step_floor_s": round(rollout + train + sync, 2)}
     for phase in ("rollout", "train", "sync", "step"):
@@ -286,27 +324,94 @@ def phase_floors(result: dict, floors: dict, model: dict, params: dict) -> dict:
     return out
 
 
-def run(name: str, params: dict, work: Path, warmup: int) -> dict:
+def parse_config(item: str, default_gpus: int = 1) -> tuple[str, int]:
+    """`NAME` or `NAME@GPUS` (training GPUs; server mode takes one more for the server)."""
+    name, _, gpus = item.partition("@")
+    if name not in CONFIGS:
+        raise SystemExit(f"bench: unknown config {name!r} in {item!r}; choose from {sorted(CONFIGS)}")
+    if gpus and not (gpus.isdigit() and int(gpus) >= 1):
+        raise SystemExit(f"bench: {item!r}: the GPU count after @ must be a positive integer")
+    return name, int(gpus or default_gpus)
+
+
+def _devices(gpus: list[int]) -> str:
+    """`gpus` index the GPUs this benchmark sees: a CUDA_VISIBLE_DEVICES given to it is respected."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("HIP_VISIBLE_DEVICES")
+    names = visible.split(",") if visible else [str(i) for i in range(max(gpus) + 1)]
+    return ",".join(names[i] for i in gpus)
+
+
+def _env(gpus: list[int]) -> dict:
+    devices = _devices(gpus)
+    return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=devices, HIP_VISIBLE_DEVICES=devices,
+                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+
+
+class VllmServer:
+    """`make vllm-serve` (the project's target) on a GPU of its own, stopped with its process group."""
+
+    def __init__(self, model_dir: Path, gpu: int, params: dict, log: Path):
+        self.command = ["make", "-C", str(REPO), "--no-print-directory", "vllm-serve", "LOCAL=1",
+                        f"GPUS={_devices([gpu])}", f"MODEL={model_dir.resolve()}", f"PORT={SERVER_PORT}",
+                        f"MAX_MODEL_LEN={params['train']['vllm_max_model_length'] or params['model']['max_model_len']}"]
+        self.log = log
+
+    def __enter__(self):
+        import requests
+
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started = time.perf_counter()
+        while time.perf_counter() - started < 600:
+            if self.process.poll() is not None:
+                raise SystemExit(f"bench: the vLLM server exited with {self.process.returncode}; see {self.log}")
+            try:
+                if requests.get(f"http://127.0.0.1:{SERVER_PORT}/health", timeout=2).status_code == 200:
+                    self.startup_s = round(time.perf_counter() - started, 1)
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        raise SystemExit(f"bench: the vLLM server did not answer within 600 s; see {self.log}")
+
+    def __exit__(self, *exc):
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def run(name: str, params: dict, work: Path, warmup: int, gpus: int = 1, model_dir: Path | None = None) -> dict:
     run_dir = work / name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     log = (run_dir / "stages.log").open("w")
-    subprocess.run([sys.executable, "-m", "pipeline.prepare"], cwd=run_dir, env=env, stdout=log, stderr=log,
-                   check=True)
-    started = time.perf_counter()
-    with GpuMemory() as memory:
-        result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=run_dir, env=env, stdout=log,
-                                stderr=log)
-    wall = time.perf_counter() - started
+    training = list(range(gpus))
+    server = params["train"]["vllm_mode"] == "server"
+    subprocess.run([sys.executable, "-m", "pipeline.prepare"], cwd=run_dir, env=_env(training), stdout=log,
+                   stderr=log, check=True)
+    extra = {}
+    with GpuMemory(training + [gpus] if server else training) as memory, contextlib.ExitStack() as stack:
+        if server:
+            extra["server_startup_s"] = stack.enter_context(VllmServer(model_dir, gpus, params,
+                                                                       run_dir / "server.log")).startup_s
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=run_dir, env=_env(training),
+                                stdout=log, stderr=log)
+        wall = time.perf_counter() - started
     history_file = run_dir / "outputs" / params["run_id"] / "train_logs" / "log_history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
     train = params["train"]
-    completions = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"]
-    return {"config": name, "exit_code": result.returncode, "wall_s": round(wall, 1),
-            "prompts_per_generation": completions // train["num_generations"],
-            "peak_gpu_gib": round(memory.peak_mib / 1024, 1), **phase_split(history, warmup, completions)}
+    completions = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"] * gpus
+    peaks = {f"gpu{d}": round(mib / 1024, 1) for d, mib in memory.peaks_mib.items()}
+    return {"config": name, "exit_code": result.returncode, "wall_s": round(wall, 1), "gpus": gpus + server,
+            "accelerate": Path(train["accelerate_config"]).stem if gpus > 1 else None,
+            "completions_per_step": completions, "prompts_per_generation": completions // train["num_generations"],
+            "peak_gpu_gib": round(memory.peak_mib / 1024, 1), "peak_gib_per_gpu": peaks, **extra,
+            **phase_split(history, warmup, completions, gpus + server)}
 
 
 def logp_check(result: dict, limit: float) -> dict:
@@ -319,8 +424,7 @@ def logp_check(result: dict, limit: float) -> dict:
 def run_evaluations(run_dir: Path, params: dict, rows: int, backends: list[str]) -> list[dict]:
     """The evaluate stage on a trained run (base and adapter, `rows` eval rows), once per backend:
     vLLM (one engine, the adapter as a LoRARequest) against batched transformers generate."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    env = _env([0])
     results = []
     for backend in backends:
         params = {**params, "evaluate": {**params["evaluate"], "max_rows": rows, "backend": backend}}
@@ -334,28 +438,41 @@ def run_evaluations(run_dir: Path, params: dict, rows: int, backends: list[str])
         metrics = json.loads(metrics_file.read_text()) if result.returncode == 0 else {}
         tokens = sum(metrics[m]["mean_completion_tokens"] * metrics[m]["rows"] for m in ("base", "adapter")
                      if m in metrics)
+        text = (run_dir / f"evaluate-{backend}.log").read_text()
+        passes = [{"model": m[0], "rows": int(m[1]), "tokens": int(m[2]), "seconds": float(m[3]),
+                   "tokens_s": round(int(m[2]) / float(m[3]))}
+                  for m in re.findall(r"(\w+) \[\w+\]: (\d+) rows, (\d+) tokens in ([\d.]+) s", text)]
+        engine = re.search(r"vLLM engine for .* ready in ([\d.]+) s", text)
         results.append({"backend": backend, "exit_code": result.returncode, "wall_s": round(wall, 1),
                         "rows": rows, "tokens": round(tokens), "tokens_per_s_wall": round(tokens / wall),
+                        "engine_start_s": float(engine[1]) if engine else None, "passes": passes,
                         "peak_gpu_gib": round(memory.peak_mib / 1024, 1)})
         print(json.dumps({"evaluate": results[-1]}), flush=True)
     return results
 
 
-COLUMNS = [("config", "config", "{}"), ("exit", "exit_code", "{}"), ("s/step", "step_s", "{:.2f}"),
+COLUMNS = [("config", "config", "{}"), ("GPUs", "gpus", "{}"), ("exit", "exit_code", "{}"),
+           ("compl/step", "completions_per_step", "{}"), ("s/step", "step_s", "{:.2f}"),
            ("rollout s", "rollout_s", "{:.2f}"), ("sync s", "sync_s", "{:.2f}"), ("train s", "train_s", "{:.2f}"),
            ("other s", "other_s", "{:.2f}"), ("rollout tok/s", "rollout_tokens_s", "{}"),
            ("train tok/s", "train_tokens_s", "{}"), ("start s", "startup_s", "{}"), ("peak GiB", "peak_gpu_gib", "{}"),
-           ("step/floor", "step_x_floor", "{}"), ("B/A", "speedup", "{}"), ("max logp diff", "logp_diff_max", "{}")]
+           ("step/floor", "step_x_floor", "{}"), ("B/A", "speedup", "{}"), ("compl/s/GPU", "completions_s_gpu", "{}"),
+           ("× 1 GPU", "scaling", "{}"), ("max logp diff", "logp_diff_max", "{}")]
 
 
 def print_table(shape: str, floors: dict, results: list[dict]) -> None:
-    print(f"\n{shape} on {floors['device']}: copy {floors['copy_gb_s']} GB/s, bf16 matmul "
-          f"{floors['matmul_tflop_s']} TFLOP/s")
+    peer = f", GPU 0 → 1 {floors['peer_gb_s']} GB/s" if floors.get("peer_gb_s") else ""
+    print(f"\n{shape} on {floors['gpus']} × {floors['device']}: copy {floors['copy_gb_s']} GB/s, bf16 matmul "
+          f"{floors['matmul_tflop_s']} TFLOP/s{peer}")
     rows = [[fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in COLUMNS] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (h, _, _) in enumerate(COLUMNS)]
     print("  ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, widths, strict=True)))
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    for r in results:
+        if r.get("gpus", 1) > 1:
+            print(f"  {r['config']}: peak GiB per GPU {r['peak_gib_per_gpu']}"
+                  + (f", server start {r['server_startup_s']} s" if r.get("server_startup_s") else ""))
     for r in results:
         if r.get("step_floor_s"):
             print(f"  {r['config']}: floors rollout {r['rollout_floor_s']} s, train {r['train_floor_s']} s, "
@@ -367,39 +484,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-gpu"))
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2_5_vl-7b")
-    parser.add_argument("--configs", default="A-seed,B-tuned")
+    parser.add_argument("--configs", default="A-seed,B-tuned",
+                        help="comma-separated NAME or NAME@GPUS (training GPUs; B-server takes one more)")
+    parser.add_argument("--gpus", type=int, default=1, help="training GPUs for configs without @GPUS")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
     parser.add_argument("--evaluate", type=int, default=0, metavar="ROWS",
                         help="then time the evaluate stage on the last config's adapter, vLLM vs transformers")
     parser.add_argument("--eval-tokens", type=int, default=256, help="max_new_tokens for --evaluate")
+    parser.add_argument("--eval-backends", default="vllm,transformers", help="evaluate backends to time, in order")
+    parser.add_argument("--eval-rows", type=int, default=0, metavar="N",
+                        help="evaluate on a separate set of N MathVista-schema rows of mixed image sizes "
+                             "(data.eval_source; 1000 = testmini's size) instead of a share of the training rows")
     parser.add_argument("--mixed-sizes", action="store_true", help="images of different sizes (MathVista's are)")
     parser.add_argument("--max-logp-difference", type=float, default=MAX_LOGP_DIFFERENCE,
                         help="fail (exit 1) when any step's sampling_logp_difference/mean is above this")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps <= args.warmup:
         parser.error("need --warmup >= 1 (vLLM compiles its first shapes) and --steps > --warmup")
-    names = args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
+    args.work = args.work.resolve()  # every stage runs in a folder of its own
+    runs = [parse_config(item, args.gpus) for item in args.configs.split(",")]
     floors = measure_floors()
+    needed = max(gpus + (CONFIGS[name].get("train.vllm_mode") == "server") for name, gpus in runs)
+    if needed > floors["gpus"]:
+        raise SystemExit(f"bench: the configs need {needed} GPUs, {floors['gpus']} visible")
     print(f"bench: floors {json.dumps(floors)}", flush=True)
     model_dir = build_model_dir(args.work / f"{args.shape}-random", args.shape)
     model = json.loads((model_dir / "bench_shape.json").read_text())
     data_dir = build_dataset(args.work / ("mathvista-mixed" if args.mixed_sizes else "mathvista-448"),
                              mixed_sizes=args.mixed_sizes)
+    eval_dir = (build_dataset(args.work / f"eval-{args.eval_rows}", rows=args.eval_rows, mixed_sizes=True, seed=1)
+                if args.eval_rows else None)
     results: list[dict] = []
-    for name in names:
-        params = params_for(f"{args.shape}-{name}", CONFIGS[name], model_dir, data_dir, args.steps)
-        result = {**run(name, params, args.work / args.shape, args.warmup)}
-        result.update(phase_floors(result, floors, model, params))
+    for name, gpus in runs:
+        label = name if gpus == 1 else f"{name}-{gpus}gpu"  # a run id: letters, digits, '.', '_', '-'
+        params = params_for(f"{args.shape}-{label}", CONFIGS[name], model_dir, data_dir, args.steps, eval_dir)
+        result = run(label, params, args.work / args.shape, args.warmup, gpus, model_dir)
+        result.update(phase_floors(result, floors, model, params, gpus))
         result.update(logp_check(result, args.max_logp_difference))
-        print(f"bench: {name}: sampling_logp_difference/mean per step {result.get('logp_diff')} "
+        print(f"bench: {label}: sampling_logp_difference/mean per step {result.get('logp_diff')} "
               f"({result['prompts_per_generation']} prompts per generation batch)", flush=True)
-        if results and results[0].get("step_s") and result.get("step_s"):
+        if results and results[0].get("step_s") and result.get("step_s") and gpus == 1:
             result["speedup"] = round(results[0]["step_s"] / result["step_s"], 2)
+        one_gpu = next((r for r in results if r["gpus"] == 1 and r.get("completions_s_gpu")), None)
+        if one_gpu and result.get("completions_s_gpu") and result["gpus"] > 1:  # completions/s, all GPUs
+            result["scaling"] = round(result["completions_s_gpu"] * result["gpus"] / one_gpu["completions_s_gpu"], 2)
         results.append(result)
         print(json.dumps(result), flush=True)
         if args.out:
@@ -409,8 +539,8 @@ def main() -> None:
     print_table(args.shape, floors, results)
     if args.evaluate:
         params["evaluate"]["max_new_tokens"] = args.eval_tokens
-        evaluations = run_evaluations(args.work / args.shape / names[-1], params, args.evaluate,
-                                      ["vllm", "transformers"])
+        evaluations = run_evaluations(args.work / args.shape / label, params, args.evaluate,
+                                      args.eval_backends.split(","))
         if args.out:
             report = json.loads(args.out.read_text())
             args.out.write_text(json.dumps({**report, "evaluate": evaluations}, indent=2) + "\n")

@@ -128,6 +128,9 @@ def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: l
         num_completions_to_print=2,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # every LoRA weight takes part in every forward (the frozen vision tower has none): DDP's search
+        # for unused parameters, on by default without gradient checkpointing, only costs a graph traversal
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -380,8 +383,8 @@ def train(params: Params) -> Path:
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
+        _save_adapter(trainer, dirs["adapter"])
         if is_main_process():
-            _save_adapter(trainer, processor, dirs["adapter"])
             (dirs["checkpoints"] / COMPLETE).write_text(f"{trainer.state.global_step}\n")
     finally:
         compat.shutdown_vllm(trainer)
@@ -390,19 +393,26 @@ def train(params: Params) -> Path:
             (dirs["live"] / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         for live in lives:
             live.end()
-    logger.info("trained %d steps in %.1f s; adapter in %s", trainer.state.global_step,
-                time.perf_counter() - started, dirs["adapter"])
+    if is_main_process():
+        logger.info("trained %d steps in %.1f s; adapter in %s", trainer.state.global_step,
+                    time.perf_counter() - started, dirs["adapter"])
     return dirs["adapter"]
 
 
-def _save_adapter(trainer, processor, adapter_dir: Path) -> None:
-    """Write to a temporary folder and rename, so a crash never leaves a half adapter behind."""
+def _save_adapter(trainer, adapter_dir: Path) -> None:
+    """Every process calls this: under FSDP the adapter's weights are sharded and gathering them is
+    a collective, which `Trainer.save_model` does before the main process writes. The adapter
+    (safetensors, adapter config, processor files) goes to a temporary folder that is renamed, so
+    a crash never leaves a half adapter behind."""
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    os.replace(tmp, adapter_dir)
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if is_main_process():
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of the run's paths: not the adapter's
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(tmp, adapter_dir)
 
 
 LAUNCHED_ENV = "GRPO_LAUNCHED_BY_ACCELERATE"  # set for the workers: they must train, not launch again
@@ -426,7 +436,7 @@ def training_processes(params: Params, visible_gpus: int) -> int:
 def relaunch_distributed(params: Params, processes: int) -> int:
     """Run this module in N processes on an existing launcher.
 
-    GPUs: `accelerate launch` with train.accelerate_config (DDP, ZeRO-2/3, FSDP2). CPU machines:
+    GPUs: `accelerate launch` with train.accelerate_config (DDP or FSDP2). CPU machines:
     torchrun with accelerate's CPU mode (gloo), so the distributed path is exercised without a GPU
     (accelerate's own --cpu launcher starts a single process)."""
     n = str(processes)
@@ -458,6 +468,8 @@ def main() -> None:
 
     try:
         train(params)
+        if torch.distributed.is_initialized():  # a launched worker: leave the process group cleanly
+            torch.distributed.destroy_process_group()
     except ModelNotAvailableError as error:
         raise SystemExit(f"train: error: {error}") from None
     except (RewardFunctionError, TrainingDiverged, RolloutMismatch) as error:

@@ -202,7 +202,12 @@ def test_two_processes_through_accelerate(workspace):
                    train__per_device_train_batch_size=8, train__log_completions=False)
     result = ws.run("pipeline.train", timeout=900)
     assert "launching 2 processes" in result.stderr
-    assert (ws.root / "outputs" / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
+    adapter = ws.root / "outputs" / "ddp" / "adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {f.name for f in adapter.iterdir()}
+    assert not (adapter / "training_args.bin").exists()  # the adapter holds no pickle of the run's paths
+    assert result.stderr.count("trained 2 steps") == 1  # one process reports
+    assert "find_unused_parameters=True" not in result.stderr  # DDP does not search the graph every step
+    assert "destroy_process_group() was not called" not in result.stderr
 
 
 def test_a_reward_that_raises_is_named_and_nothing_is_saved(workspace):
