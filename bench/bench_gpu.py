@@ -402,6 +402,8 @@ def run(name: str, params: dict, work: Path, warmup: int, gpus: int = 1, model_d
         result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=run_dir, env=_env(training),
                                 stdout=log, stderr=log)
         wall = time.perf_counter() - started
+    log.close()
+    extra.update(startup_split((run_dir / "stages.log").read_text(errors="replace")))
     history_file = run_dir / "outputs" / params["run_id"] / "train_logs" / "log_history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
     train = params["train"]
@@ -412,6 +414,28 @@ def run(name: str, params: dict, work: Path, warmup: int, gpus: int = 1, model_d
             "completions_per_step": completions, "prompts_per_generation": completions // train["num_generations"],
             "peak_gpu_gib": round(memory.peak_mib / 1024, 1), "peak_gib_per_gpu": peaks, **extra,
             **phase_split(history, warmup, completions, gpus + server)}
+
+
+STARTUP_PATTERNS = {  # the trainer's own lines (pipeline.train) and vLLM 0.24's
+    "model_load_s": r"model loaded in ([\d.]+) s",
+    "trainer_ready_s": r"trainer ready in ([\d.]+) s",
+    "vllm_weights_s": r"Model loading took [\d.]+ GiB (?:memory )?and ([\d.]+) seconds",
+    "vllm_engine_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
+    "vllm_compile_s": r"init engine \(profile, create kv cache, warmup model\) took [\d.]+ s \(compilation: ([\d.]+) s",
+    "cuda_graphs_s": r"Graph capturing finished in ([\d.]+) secs",
+}
+
+
+def startup_split(log: str) -> dict:
+    """Where the start-up goes, from the first process's log: the trainer's model load, then the
+    trainer's construction (the colocated vLLM engine: its weights, torch.compile, CUDA graphs).
+    `compile_cache_hit`: vLLM loaded its compiled graphs from VLLM_CACHE_ROOT instead of compiling."""
+    split = {}
+    for key, pattern in STARTUP_PATTERNS.items():
+        found = re.search(pattern, log)
+        split[key] = float(found[1]) if found else None
+    split["compile_cache_hit"] = "from the cache, took" in log
+    return split
 
 
 def logp_check(result: dict, limit: float) -> dict:
@@ -473,6 +497,13 @@ def print_table(shape: str, floors: dict, results: list[dict]) -> None:
         if r.get("gpus", 1) > 1:
             print(f"  {r['config']}: peak GiB per GPU {r['peak_gib_per_gpu']}"
                   + (f", server start {r['server_startup_s']} s" if r.get("server_startup_s") else ""))
+    for r in results:
+        if r.get("model_load_s") is not None:
+            cached = "loaded from the cache" if r.get("compile_cache_hit") else "compiled"
+            print(f"  {r['config']}: start-up {r.get('startup_s')} s: model load {r['model_load_s']} s, trainer "
+                  f"ready {r.get('trainer_ready_s')} s (vLLM: weights {r.get('vllm_weights_s')} s, engine "
+                  f"{r.get('vllm_engine_s')} s of which torch.compile {r.get('vllm_compile_s')} s ({cached}) and "
+                  f"CUDA graphs {r.get('cuda_graphs_s')} s)")
     for r in results:
         if r.get("step_floor_s"):
             print(f"  {r['config']}: floors rollout {r['rollout_floor_s']} s, train {r['train_floor_s']} s, "

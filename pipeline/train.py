@@ -354,8 +354,10 @@ def train(params: Params) -> Path:
     resume = prepare_checkpoint_dir(dirs["checkpoints"], run_fingerprint(params, train_file))
     processor = modeling.load_processor(params.model.name_or_path, params.model.revision)
     compat.left_pad_for_grpo(processor)  # TRL aligns image markers with left-padded prompts only (trl#5785)
+    started = time.perf_counter()
     model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
                                 params.model.attn_implementation)
+    logger.info("model loaded in %.1f s", time.perf_counter() - started)
     dataset = load_dataset("parquet", data_files=str(train_file), split="train")
 
     report_to = configure_tracking(params)
@@ -372,6 +374,7 @@ def train(params: Params) -> Path:
         peft_config=build_lora_config(params),
         callbacks=[*plot_callbacks, *_callbacks(params.train)],
     )
+    logger.info("trainer ready in %.1f s (the colocated vLLM engine's start included)", time.perf_counter() - started)
     compat.patch_vllm_colocate(trainer, on_gpu=gpu)
     compat.keep_frozen_vision_out_of_backward(trainer.model)
     trainer.add_callback(_phase_times(trainer))

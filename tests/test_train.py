@@ -208,6 +208,11 @@ def test_two_processes_through_accelerate(workspace):
     assert result.stderr.count("trained 2 steps") == 1  # one process reports
     assert "find_unused_parameters=True" not in result.stderr  # DDP does not search the graph every step
     assert "destroy_process_group() was not called" not in result.stderr
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_gpu  # `make bench-gpu` splits the start-up from these lines
+
+    split = bench_gpu.startup_split(result.stderr)
+    assert split["model_load_s"] > 0 and split["trainer_ready_s"] >= split["model_load_s"]
 
 
 def test_a_reward_that_raises_is_named_and_nothing_is_saved(workspace):
