@@ -99,6 +99,8 @@ CONFIGS = {
     "B-fsdp2": {**TUNED, "train.accelerate_config": "configs/accelerate/fsdp2.yaml"},
     # vLLM server mode: `make vllm-serve` on one GPU after the N training GPUs, weights synced over NCCL
     "B-server": {**TUNED, "train.vllm_mode": "server"},
+    # adapter-only sync: vLLM serves the base weights with LoRA enabled and receives the adapter alone
+    "B-adapter": {**TUNED, "train.vllm_weight_sync": "adapter"},
 }
 SERVER_PORT = 8000
 # The most `sampling/sampling_logp_difference/mean` a step may show (random weights: ~0.05-0.09 with

@@ -180,8 +180,9 @@ def use_fp32_vllm_on_cpu() -> None:
         logger.info("vLLM on CPU computes in float32, like the trainer")
 
 
-def patch_vllm_colocate(trainer, on_gpu: bool) -> list[str]:
-    """Apply the colocate-mode fixes to a built GRPOTrainer; returns what was applied (for the log)."""
+def patch_vllm_colocate(trainer, on_gpu: bool, reload_merged_weights: bool = True) -> list[str]:
+    """Apply the colocate-mode fixes to a built GRPOTrainer; returns what was applied (for the log).
+    `reload_merged_weights`: False when only the adapter is synced (pipeline/adapter_sync.py)."""
     generation = getattr(trainer, "vllm_generation", None)
     if generation is None or generation.mode != "colocate":
         return []
@@ -191,7 +192,7 @@ def patch_vllm_colocate(trainer, on_gpu: bool) -> list[str]:
         image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         generation.llm = CollapsingLLM(generation.llm, image_pad_id)
         applied.append("collapse image placeholders before vLLM (trl#6294/#6401)")
-    if not on_gpu:
+    if not on_gpu and reload_merged_weights:
         generation.sync_weights = lambda: _cpu_sync_weights(generation)
         applied.append("full weight reload on vLLM's CPU backend")
     for item in applied:

@@ -144,6 +144,9 @@ class TrainParams(_Section):
     vllm_server_host: str = "127.0.0.1"
     vllm_server_port: Annotated[int, Field(gt=0, lt=65536)] = 8000
     vllm_max_model_length: PositiveInt | None = None
+    # merged: TRL merges the LoRA adapter and reloads every weight into vLLM each step; adapter: vLLM
+    # serves the policy as a LoRA adapter and receives only its weights (pipeline/adapter_sync.py)
+    vllm_weight_sync: Literal["merged", "adapter"] = "merged"
     use_liger_kernel: bool = False
     # stop when vLLM's and the trainer's log-probs (TRL's sampling_logp_difference/mean) stay above
     # this for max_logp_difference_steps logged steps in a row; null = never (docs/training.md)
@@ -156,6 +159,18 @@ class TrainParams(_Section):
     def processes(self, visible_gpus: int) -> int:
         """`auto`: one training process per visible GPU, one on a machine without GPUs."""
         return max(visible_gpus, 1) if self.num_processes == "auto" else self.num_processes
+
+    @model_validator(mode="after")
+    def _adapter_sync_keeps_the_base_weights(self) -> TrainParams:
+        if self.vllm_weight_sync != "adapter":
+            return self
+        if self.vllm_mode != "colocate":
+            raise ValueError("train.vllm_weight_sync: adapter is implemented for train.vllm_mode: colocate only; "
+                             "use merged with the server")
+        if self.vllm_enable_sleep_mode:
+            raise ValueError("train.vllm_weight_sync: adapter needs vLLM to keep the base weights between rollouts, "
+                             "which sleep mode discards: set train.vllm_enable_sleep_mode: false")
+        return self
 
     @model_validator(mode="after")
     def _grpo_batch_divisible(self) -> TrainParams:

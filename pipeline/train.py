@@ -331,7 +331,7 @@ def train(params: Params) -> Path:
     from datasets import load_dataset
     from trl import GRPOTrainer
 
-    from pipeline import compat, modeling
+    from pipeline import adapter_sync, compat, modeling
     from pipeline.rewards import resolve_rewards
 
     dirs = run_dirs(params)
@@ -348,6 +348,9 @@ def train(params: Params) -> Path:
         compat.use_fp32_vllm_on_cpu()
         if params.train.vllm_enable_sleep_mode:
             logger.info("vLLM sleep mode is a GPU feature: running without it on this CPU machine")
+    adapter_only = use_vllm and params.train.vllm_weight_sync == "adapter"
+    if adapter_only:
+        adapter_sync.enable_lora_in_engine(params.lora.r)
 
     reward_funcs, reward_weights = resolve_rewards(params.rewards)
     reward_funcs = [guarded(func) for func in reward_funcs]
@@ -375,7 +378,8 @@ def train(params: Params) -> Path:
         callbacks=[*plot_callbacks, *_callbacks(params.train)],
     )
     logger.info("trainer ready in %.1f s (the colocated vLLM engine's start included)", time.perf_counter() - started)
-    compat.patch_vllm_colocate(trainer, on_gpu=gpu)
+    compat.patch_vllm_colocate(trainer, on_gpu=gpu, reload_merged_weights=not adapter_only)
+    policy_adapter = adapter_sync.attach(trainer) if adapter_only else None
     compat.keep_frozen_vision_out_of_backward(trainer.model)
     trainer.add_callback(_phase_times(trainer))
     if params.train.log_completions and "wandb" in report_to:
@@ -391,6 +395,8 @@ def train(params: Params) -> Path:
             (dirs["checkpoints"] / COMPLETE).write_text(f"{trainer.state.global_step}\n")
     finally:
         compat.shutdown_vllm(trainer)
+        if policy_adapter is not None:
+            policy_adapter.close()
         if is_main_process():
             dirs["live"].mkdir(parents=True, exist_ok=True)
             (dirs["live"] / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")

@@ -97,6 +97,8 @@ MALFORMED = [
     ("model.min_pixels", 10**9, "model", "exceeds max_pixels"),
     ("publish.push_to_hub", True, "publish", "hub_repo_id"),
     ("train.vllm_max_model_length", 2048, "train.vllm_max_model_length", "model.max_model_len"),
+    ("train.vllm_weight_sync", "lora", "train.vllm_weight_sync", "'merged' or 'adapter'"),
+    ("train.vllm_weight_sync", "adapter", "train", "train.vllm_enable_sleep_mode: false"),  # sleep drops weights
 ]
 
 
