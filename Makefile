@@ -199,8 +199,8 @@ shell:  ## make shell [VENDOR=rocm|cuda|cpu] [GPUS=0,1]: interactive shell in th
 	@mkdir -p "$(HF_CACHE)"
 	$(DOCKER_RUN) -it $(GPU_IMAGE) bash
 
-image-train:  ## make image-train RUN_ID=v1 [PRESET=…] [NPROC=8] [VENDOR=…] [GPUS=…]: `make train` in the GPU image
+image-train:  ## make image-train RUN_ID=v1 [PRESET=…] [NPROC=8] [VENDOR=…] [GPUS=…]: `make train` in the image
 	@$(MAKE) --no-print-directory train IN_IMAGE=1
 
-image-repro:  ## make image-repro RUN_ID=v1 [PRESET=…] [VENDOR=…] [GPUS=…]: all four stages in the GPU image
+image-repro:  ## make image-repro RUN_ID=v1 [PRESET=…] [VENDOR=…] [GPUS=…]: all four stages in the image
 	@$(MAKE) --no-print-directory repro IN_IMAGE=1
