@@ -64,8 +64,8 @@ SEED_SETUP = {  # A: the seed's setup, TRL defaults otherwise
     "train.gradient_checkpointing": True, "train.use_vllm": True, "train.vllm_mode": "colocate",
     "train.vllm_enable_sleep_mode": True, "train.vllm_gpu_memory_utilization": 0.7,
 }
-# B: the same learning (16 completions per optimizer step, same loss), faster. Liger's fused linear +
-# GRPO loss never materialises the 152k-vocabulary logits; vLLM stays awake in a pool sized for 16
+# B: the same learning (16 completions per optimizer step, same loss), faster. Liger's layer kernels
+# (TRL 1.16 applies only those; its fused LM head is on in A too); vLLM stays awake in a pool sized for 16
 # completions (no sleep/wake, its CUDA graphs kept); activations are kept (no recomputation), which
 # a 4 × 4 micro-batch split keeps under the memory target.
 TUNED = {
