@@ -331,7 +331,7 @@ def train(params: Params) -> Path:
     from datasets import load_dataset
     from trl import GRPOTrainer
 
-    from pipeline import adapter_sync, compat, modeling
+    from pipeline import adapter_sync, compat, modeling, on_policy
     from pipeline.rewards import resolve_rewards
 
     dirs = run_dirs(params)
@@ -380,6 +380,7 @@ def train(params: Params) -> Path:
     logger.info("trainer ready in %.1f s (the colocated vLLM engine's start included)", time.perf_counter() - started)
     compat.patch_vllm_colocate(trainer, on_gpu=gpu, reload_merged_weights=not adapter_only)
     policy_adapter = adapter_sync.attach(trainer) if adapter_only else None
+    on_policy.reuse_loss_forward(trainer)
     compat.keep_frozen_vision_out_of_backward(trainer.model)
     trainer.add_callback(_phase_times(trainer))
     if params.train.log_completions and "wandb" in report_to:

@@ -165,15 +165,43 @@ def test_without_the_adapter_sync_vllm_drifts_from_the_policy(workspace):
     """The control for the test above: the same run with the sync switched off drifts (log-prob
     differences of 0.6 to 6 from the second step on CPU)."""
     ws = workspace("stale", **{**ADAPTER_SYNC, "train__max_steps": 6})  # the guard needs 3 bad steps in a row
-    script = ("import sys; from pipeline import adapter_sync; adapter_sync.AdapterSync.sync = lambda self: None\n"
-              "import pipeline.train as t; sys.argv = ['train']; t.main()")
-    (ws.root / "run_without_sync.py").write_text(script)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "run_without_sync.py"], cwd=ws.root, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = _run_with(ws, "from pipeline import adapter_sync; adapter_sync.AdapterSync.sync = lambda self: None")
     # the run's own guard (train.max_logp_difference) stops it once vLLM lags the policy
     assert result.returncode == 1, result.stderr[-3000:]
     assert "vLLM's and the trainer's log-probabilities differ by" in result.stderr
+
+
+def _run_with(ws, patch: str):
+    """The train stage with one line of Python run first (a patch for a comparison run)."""
+    (ws.root / "run_patched.py").write_text(f"import sys\n{patch}\nimport pipeline.train as t; sys.argv = ['train']; "
+                                            "t.main()\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "run_patched.py"], cwd=ws.root, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_on_policy_steps_reuse_the_loss_forward_with_the_same_loss_and_gradients(workspace):
+    """TRL's separate old-log-prob forward, skipped on-policy: the same losses and the same adapter
+    after two steps (four micro-batches each, the second step's rollouts from updated weights)."""
+    common = dict(train__max_steps=2, train__per_device_train_batch_size=16, train__gradient_accumulation_steps=4,
+                  train__learning_rate=2e-2, train__warmup_steps=0, train__log_completions=False, lora__dropout=0.0)
+    reused = workspace("reuse", **common)
+    result = reused.run("pipeline.train")
+    assert "the loss forward gives the old log-probs" in result.stderr
+    separate = workspace("separate", **common)
+    result = _run_with(separate, "from pipeline import on_policy; on_policy.applies = lambda trainer: False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the loss forward gives the old log-probs" not in result.stderr
+    for key in ("loss", "sampling/sampling_logp_difference/mean", "sampling/importance_sampling_ratio/mean"):
+        a, b = _metric_series(reused, key), _metric_series(separate, key)
+        assert len(a) == len(b) == 2, (key, a, b)
+        assert all(abs(x - y) <= 1e-4 + 1e-3 * abs(y) for x, y in zip(a, b, strict=True)), (key, a, b)
+    a = _adapter_tensors(reused.root / "outputs" / "reuse" / "adapter")
+    b = _adapter_tensors(separate.root / "outputs" / "separate" / "adapter")
+    assert a.keys() == b.keys()
+    assert max(b[name].abs().max().item() for name in b if "lora_B" in name) > 1e-3  # LoRA's B left zero: trained
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() < 1e-5, name
 
 
 def _assert_phase_split(ws, run_id: str) -> None:
@@ -193,12 +221,7 @@ def _assert_phase_split(ws, run_id: str) -> None:
 def test_double_image_expansion_workaround_is_still_needed(workspace):
     """Fails once TRL stops expanding image placeholders twice: then drop compat.collapse_image_pads."""
     ws = workspace("nofix", train__max_steps=1)
-    script = ("import sys; from pipeline import compat; compat.needs_image_pad_collapse = lambda trl=None: False\n"
-              "import pipeline.train as t; sys.argv = ['train']; t.main()")
-    (ws.root / "run_without_fix.py").write_text(script)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "run_without_fix.py"], cwd=ws.root, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = _run_with(ws, "from pipeline import compat; compat.needs_image_pad_collapse = lambda trl=None: False")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _metric_series(ws, "sampling/sampling_logp_difference/mean")[0] > 0.1
 
