@@ -13,7 +13,6 @@ params; the vision tower carries no adapter, so vLLM's encoder cache stays valid
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shutil
@@ -27,10 +26,9 @@ logger = logging.getLogger("pipeline.adapter_sync")
 def enable_lora_in_engine(rank: int) -> None:
     """Build TRL's colocated `vllm.LLM` with LoRA support for one adapter of `rank`; call before the
     trainer is built (TRL creates the engine in its constructor)."""
-    from trl.generation import vllm_generation
+    from pipeline import compat
 
-    vllm_generation.LLM = functools.partial(vllm_generation.LLM, enable_lora=True, max_lora_rank=rank,
-                                            max_loras=1)
+    compat.add_vllm_engine_options(enable_lora=True, max_lora_rank=rank, max_loras=1)
 
 
 class AdapterSync:

@@ -166,18 +166,24 @@ def _cpu_sync_weights(generation) -> None:
     generation.llm.llm_engine.reset_encoder_cache()
 
 
+def add_vllm_engine_options(**options: Any) -> None:
+    """TRL 1.16 builds its colocated `vllm.LLM` from a fixed set of arguments (no pass-through for
+    others, such as a dtype or LoRA support); add to them. Call before building the trainer.
+    Repeated calls add up (a later value of the same option wins)."""
+    import functools
+
+    from trl.generation import vllm_generation
+
+    vllm_generation.LLM = functools.partial(vllm_generation.LLM, **options)
+
+
 def use_fp32_vllm_on_cpu() -> None:
     """TRL builds its colocated `vllm.LLM` without a dtype, and vLLM's CPU backend then downcasts a
     float32 checkpoint to bfloat16 while the trainer computes in float32: sampling and training
     log-probs disagree (TRL's sampling_logp_difference ~3e-3 instead of ~5e-5 before any update),
     which adds noise to the importance-sampling correction. Call before building the trainer; CPU only."""
-    import functools
-
-    from trl.generation import vllm_generation
-
-    if not isinstance(vllm_generation.LLM, functools.partial):
-        vllm_generation.LLM = functools.partial(vllm_generation.LLM, dtype="float32")
-        logger.info("vLLM on CPU computes in float32, like the trainer")
+    add_vllm_engine_options(dtype="float32")
+    logger.info("vLLM on CPU computes in float32, like the trainer")
 
 
 def patch_vllm_colocate(trainer, on_gpu: bool, reload_merged_weights: bool = True) -> list[str]:
