@@ -62,7 +62,6 @@ class AdapterSync:
                    for name, tensor in self._state_dict(self.model).items()}
         save_file(weights, str(folder / "adapter_model.safetensors"))
         config = self.model.peft_config["default"].to_dict()
-        config["target_modules"] = _jsonable(config["target_modules"])
         (folder / "adapter_config.json").write_text(json.dumps(config, default=_jsonable))
         self.request = LoRARequest(f"policy-v{self.version}", self.version, str(folder))
         shutil.rmtree(self.root / f"v{self.version - 2}", ignore_errors=True)  # the previous one may still load
@@ -80,6 +79,7 @@ class AdapterSync:
 
 
 def _jsonable(value: Any) -> Any:
+    """What json cannot write in a peft config: sets of module names, enums."""
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     if hasattr(value, "value"):  # enums (task_type, peft_type)
