@@ -101,6 +101,9 @@ CONFIGS = {
     "B-server": {**TUNED, "train.vllm_mode": "server"},
     # adapter-only sync: vLLM serves the base weights with LoRA enabled and receives the adapter alone
     "B-adapter": {**TUNED, "train.vllm_weight_sync": "adapter"},
+    # a 141 GB card (presets/gpu-h200.yaml): adapter-only sync, 2 micro-batches of 8 (half the passes)
+    "B-h200": {**TUNED, "train.vllm_weight_sync": "adapter", "train.per_device_train_batch_size": 8,
+               "train.gradient_accumulation_steps": 2},
 }
 SERVER_PORT = 8000
 # The most `sampling/sampling_logp_difference/mean` a step may show (random weights: ~0.05-0.09 with
