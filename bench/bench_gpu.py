@@ -191,8 +191,9 @@ def measure_floors() -> dict:
 MIXED_SIZES = [(448, 448), (560, 336), (336, 560), (616, 308), (392, 504), (504, 392)]
 
 
-def build_dataset(out: Path, rows: int = 256, mixed_sizes: bool = False, seed: int = 0) -> Path:
-    """MathVista-schema rows with 448×448 images (or mixed sizes) and MathVista-length questions."""
+def build_dataset(out: Path, rows: int = 256, mixed_sizes: bool = False, seed: int = 0, first_pid: int = 1) -> Path:
+    """MathVista-schema rows with 448×448 images (or mixed sizes) and MathVista-length questions.
+    `first_pid`: an eval set's pids must not repeat the training set's (prepare refuses the overlap)."""
     from datasets import Dataset
 
     from pipeline import synthetic
@@ -205,10 +206,17 @@ def build_dataset(out: Path, rows: int = 256, mixed_sizes: bool = False, seed: i
         size = MIXED_SIZES[i % len(MIXED_SIZES)] if mixed_sizes else (IMAGE_SIDE, IMAGE_SIDE)
         row["decoded_image"] = row["decoded_image"].resize(size)
         row["question"] = MATHVISTA_CONTEXT + row["question"]
+        row["pid"] = str(first_pid + i)
     columns = {name: [row[name] for row in data] for name in data[0]}
     path.parent.mkdir(parents=True, exist_ok=True)
     Dataset.from_dict(columns, features=synthetic.features()).to_parquet(str(path))
     return out
+
+
+def build_eval_dataset(work: Path, rows: int) -> Path:
+    """A separate eval set of mixed image sizes, as MathVista testmini is evaluated: other questions and
+    pids than the training set's."""
+    return build_dataset(work / f"eval-{rows}-heldout", rows=rows, mixed_sizes=True, seed=1, first_pid=100_001)
 
 
 class GpuMemory:
@@ -453,6 +461,8 @@ def logp_check(result: dict, limit: float) -> dict:
 def run_evaluations(run_dir: Path, params: dict, rows: int, backends: list[str]) -> list[dict]:
     """The evaluate stage on a trained run (base and adapter, `rows` eval rows), once per backend:
     vLLM (one engine, the adapter as a LoRARequest) against batched transformers generate."""
+    from pipeline.params import Reports
+
     env = _env([0])
     results = []
     for backend in backends:
@@ -463,7 +473,7 @@ def run_evaluations(run_dir: Path, params: dict, rows: int, backends: list[str])
             result = subprocess.run([sys.executable, "-m", "pipeline.evaluate"], cwd=run_dir, env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
         wall = time.perf_counter() - started
-        metrics_file = run_dir / "outputs" / params["run_id"] / "eval" / "metrics.json"
+        metrics_file = run_dir / Reports.evaluation
         metrics = json.loads(metrics_file.read_text()) if result.returncode == 0 else {}
         tokens = sum(metrics[m]["mean_completion_tokens"] * metrics[m]["rows"] for m in ("base", "adapter")
                      if m in metrics)
@@ -550,8 +560,7 @@ def main() -> None:
     model = json.loads((model_dir / "bench_shape.json").read_text())
     data_dir = build_dataset(args.work / ("mathvista-mixed" if args.mixed_sizes else "mathvista-448"),
                              mixed_sizes=args.mixed_sizes)
-    eval_dir = (build_dataset(args.work / f"eval-{args.eval_rows}", rows=args.eval_rows, mixed_sizes=True, seed=1)
-                if args.eval_rows else None)
+    eval_dir = build_eval_dataset(args.work, args.eval_rows) if args.eval_rows else None
     results: list[dict] = []
     for name, gpus in runs:
         label = name if gpus == 1 else f"{name}-{gpus}gpu"  # a run id: letters, digits, '.', '_', '-'

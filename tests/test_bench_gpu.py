@@ -70,3 +70,23 @@ def test_the_start_up_split_reads_the_stage_log():
     cached = log + "\nINFO Directly load the compiled graph(s) for compile range (1, 2048) from the cache, took 2.1 s"
     assert bench_gpu.startup_split(cached)["compile_cache_hit"] is True
     assert bench_gpu.startup_split("")["vllm_engine_s"] is None
+
+
+def test_a_separate_eval_set_prepares_beside_the_training_set(tmp_path, tiny_model_dir):
+    """`--eval-rows N`: prepare accepts the eval set as held out (no pid of the training set) and keeps
+    every row of it, as the evaluate stage's throughput figure needs."""
+    import subprocess
+
+    import pandas as pd
+    import yaml
+
+    data = bench_gpu.build_dataset(tmp_path / "train", rows=12)
+    held_out = bench_gpu.build_eval_dataset(tmp_path, rows=6)
+    params = bench_gpu.params_for("t", bench_gpu.CONFIGS["B-tuned"], tiny_model_dir, data, 3, held_out)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "pipeline.prepare"], cwd=run, capture_output=True, text=True,
+                            env={**bench_gpu._env([0]), "HF_HOME": str(tmp_path / "hf")}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(pd.read_parquet(next(run.rglob("eval.parquet")))) == 6
