@@ -23,12 +23,17 @@ from typing import Any
 logger = logging.getLogger("pipeline.adapter_sync")
 
 
-def enable_lora_in_engine(rank: int) -> None:
+def enable_lora_in_engine(rank: int, target_modules: list[str]) -> None:
     """Build TRL's colocated `vllm.LLM` with LoRA support for one adapter of `rank`; call before the
-    trainer is built (TRL creates the engine in its constructor)."""
+    trainer is built (TRL creates the engine in its constructor).
+
+    `target_modules` (the adapter's own) limits LoRA to the layers the adapter changes: otherwise
+    vLLM wraps every linear layer it supports (attention, MLP and the vision tower's) and runs the
+    LoRA kernels on each of them at every decoded token, with zero weights in all but two."""
     from pipeline import compat
 
-    compat.add_vllm_engine_options(enable_lora=True, max_lora_rank=rank, max_loras=1)
+    compat.add_vllm_engine_options(enable_lora=True, max_lora_rank=rank, max_loras=1,
+                                   lora_target_modules=list(target_modules))
 
 
 class AdapterSync:

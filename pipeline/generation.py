@@ -185,6 +185,22 @@ def max_lora_rank(adapters: Sequence[str | Path]) -> int:
     return fitting[0]
 
 
+def lora_target_modules(adapters: Sequence[str | Path]) -> list[str] | None:
+    """The layers any of `adapters` changes, for vLLM's `lora_target_modules`: without it vLLM runs
+    LoRA kernels on every linear layer it supports (zero weights in most) at each decoded token.
+    None (no restriction) when an adapter names its layers by a pattern or cannot be read."""
+    names: set[str] = set()
+    for adapter in adapters:
+        try:
+            targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules")
+        except (OSError, ValueError):
+            return None
+        if not isinstance(targets, list) or not targets:  # a regex or "all-linear"
+            return None
+        names.update(targets)
+    return sorted(names) or None
+
+
 def _fit_context(model: str, revision: str, max_model_len: int) -> int:
     """params' max_model_len, capped at the checkpoint's own context: vLLM refuses a longer one, and
     the inference CLI serves registered runs whose base models may differ from params.yaml's."""
@@ -233,7 +249,8 @@ class VllmGenerator:
         options = dict(model=model, revision=revision, tokenizer_revision=revision, dtype=modeling.vllm_dtype(dtype),
                        max_model_len=max_model_len, limit_mm_per_prompt={"image": 1}, seed=seed)
         if adapters:
-            options.update(enable_lora=True, max_lora_rank=max_lora_rank(adapters), max_loras=1)
+            options.update(enable_lora=True, max_lora_rank=max_lora_rank(adapters), max_loras=1,
+                           lora_target_modules=lora_target_modules(adapters))
         if gpu:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         started = time.perf_counter()

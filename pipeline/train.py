@@ -350,7 +350,7 @@ def train(params: Params) -> Path:
             logger.info("vLLM sleep mode is a GPU feature: running without it on this CPU machine")
     adapter_only = use_vllm and params.train.vllm_weight_sync == "adapter"
     if adapter_only:
-        adapter_sync.enable_lora_in_engine(params.lora.r)
+        adapter_sync.enable_lora_in_engine(params.lora.r, params.lora.target_modules)
 
     reward_funcs, reward_weights = resolve_rewards(params.rewards)
     reward_funcs = [guarded(func) for func in reward_funcs]

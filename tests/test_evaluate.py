@@ -174,3 +174,20 @@ def test_vllm_context_is_capped_at_the_checkpoints_own(tiny_model_dir):
     limit = AutoConfig.from_pretrained(str(tiny_model_dir)).get_text_config().max_position_embeddings
     assert _fit_context(str(tiny_model_dir), "main", limit * 8) == limit
     assert _fit_context(str(tiny_model_dir), "main", limit // 4) == limit // 4
+
+
+def test_vllm_wraps_only_the_layers_the_adapters_change(tmp_path):
+    """`lora_target_modules` is the union of the adapters' own lists; a pattern (or an unreadable
+    adapter) leaves vLLM's default of every supported layer."""
+    from pipeline.generation import lora_target_modules
+
+    def adapter(name: str, targets):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": targets}))
+        return folder
+
+    a, b = adapter("a", ["q_proj", "v_proj"]), adapter("b", ["v_proj", "o_proj"])
+    assert lora_target_modules([a, b]) == ["o_proj", "q_proj", "v_proj"]
+    assert lora_target_modules([a, adapter("c", ".*proj")]) is None
+    assert lora_target_modules([a, tmp_path / "missing"]) is None

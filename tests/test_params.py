@@ -41,7 +41,8 @@ def test_demo_preset_validates_over_shipped_params():
     assert params.run_id == "demo" and params.model.name_or_path.startswith("assets/embedded/")
 
 
-@pytest.mark.parametrize(("preset", "config"), [("gpu-fast", "B-tuned"), ("gpu-fast-qwen3-vl-8b", "B-micro2")])
+@pytest.mark.parametrize(("preset", "config"), [("gpu-fast", "B-tuned"), ("gpu-fast-qwen3-vl-8b", "B-micro2"),
+                                                  ("gpu-h200-qwen3-vl-8b", "B-fast")])
 def test_gpu_presets_are_what_the_gpu_benchmark_measured(preset, config):
     """A GPU preset's train settings over params.yaml = the benchmark's B over its A (the seed's
     setup): what docs/performance.md reports is what `make train PRESET=…` runs."""
@@ -61,6 +62,16 @@ def test_gpu_presets_are_what_the_gpu_benchmark_measured(preset, config):
     changed = {key for key, value in measured.items() if bench_gpu.SEED_SETUP.get(key, object()) != value}
     model_keys = {key for key in overrides if key.startswith("model.") and key != "model.max_model_len"}
     assert set(overrides) - model_keys == changed, "a train setting the benchmark never ran"
+
+
+def test_the_mi300x_preset_is_the_h200_one_with_the_same_vllm_pool_in_gib():
+    """Not measured on an MI300X: the H200 preset with vLLM's memory fraction rescaled so the pool
+    keeps the GiB measured on the 140.4 GiB H200 on the 178.8 GiB MI300X (192 GB)."""
+    h200 = read_overrides(REPO / "presets" / "gpu-h200-qwen3-vl-8b.yaml", [])
+    mi300x = read_overrides(REPO / "presets" / "gpu-mi300x-qwen3-vl-8b.yaml", [])
+    key = "train.vllm_gpu_memory_utilization"
+    assert {k: v for k, v in mi300x.items() if k != key} == {k: v for k, v in h200.items() if k != key}
+    assert abs(mi300x[key] * 178.8 - h200[key] * 140.4) < 0.01 * 178.8
 
 
 def _set(raw: dict, dotted: str, value) -> dict:
