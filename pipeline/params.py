@@ -11,16 +11,20 @@ Run `python -m pipeline.params` (or `make check`) to validate the current file.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
+import functools
+import importlib.util
 import json
 import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
 OUTPUT_ROOT = Path("outputs")
@@ -112,49 +116,116 @@ class DataParams(SourceParams):
     eval_source: SourceParams | None = None
     eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     max_rows: PositiveInt | None = None
-    num_proc: PositiveInt = 1
+    num_proc: PositiveInt
     # [width, height]: every image letterboxed to this size (same token count per image); null: keep aspect
     uniform_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
     max_aspect_ratio: Annotated[float, Field(ge=1.0, le=200.0)] = 50.0  # qwen-vl-utils refuses beyond 200
 
 
+# GRPOConfig annotations (as written in TRL's source) → the YAML values that fit them
+_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+@functools.cache
+def grpo_config_fields() -> dict[str, str] | None:
+    """TRL's GRPOConfig fields (its own and those it inherits from transformers' TrainingArguments)
+    → annotation, read from the installed sources with `ast`: importing TRL would load torch, and
+    `make check` must stay well under a second. None where TRL or transformers is not installed."""
+    fields: dict[str, str] = {}
+    for module, class_name in (("transformers.training_args", "TrainingArguments"),
+                               ("trl.trainer.base_config", "_BaseConfig"), ("trl.trainer.grpo_config", "GRPOConfig")):
+        package, _, rest = module.partition(".")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        source = Path(spec.submodule_search_locations[0], *rest.split(".")).with_suffix(".py")
+        if not source.is_file():
+            return None
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name == class_name:
+                fields.update({item.target.id: ast.unparse(item.annotation) for item in node.body
+                               if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)})
+    return fields or None
+
+
 class TrainParams(_Section):
+    """`train:` is TRL's `GRPOConfig` vocabulary, handed to it in one hop (`grpo_kwargs`), plus the
+    project's own keys (`PROJECT_KEYS`). Values live in params.yaml; this class holds types only
+    (no defaults). The keys typed here are the ones this project reads itself or checks before any
+    heavy import; any other `GRPOConfig` field (`top_k`, `max_grad_norm`, …) is one more line in
+    params.yaml, checked by name and simple type against TRL's source without importing TRL."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    # the project's own keys: they steer this project's code and never reach GRPOConfig
+    PROJECT_KEYS: ClassVar[frozenset[str]] = frozenset({
+        "vllm_weight_sync", "max_logp_difference", "max_logp_difference_steps", "num_processes",
+        "accelerate_config"})
+    # GRPOConfig fields the train stage sets from elsewhere (run id, seed, rewards, the machine)
+    DERIVED_KEYS: ClassVar[dict[str, str]] = {
+        "output_dir": "outputs/<run_id>/checkpoints", "run_name": "run_id", "seed": "the top-level seed",
+        "data_seed": "the top-level seed", "reward_weights": "the rewards section", "bf16": "on with a GPU",
+        "report_to": "tracking", "generation_kwargs": "the stage (vision tokens barred from sampling)"}
+
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)]
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: Annotated[float, Field(ge=0.0)] = 0.0  # as transformers: steps, or a share of max_steps if < 1
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    warmup_steps: Annotated[float, Field(ge=0.0)]  # as transformers: steps, or a share of max_steps if < 1
     max_steps: PositiveInt
     per_device_train_batch_size: PositiveInt
     gradient_accumulation_steps: PositiveInt
     num_generations: Annotated[int, Field(ge=2)]
     max_completion_length: PositiveInt
-    temperature: Annotated[float, Field(gt=0.0)] = 1.0
-    top_p: Fraction = 1.0
-    beta: Annotated[float, Field(ge=0.0)] = 0.0
-    epsilon: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    gradient_checkpointing: bool = True
-    logging_steps: PositiveInt = 1
-    save_steps: PositiveInt = 25
-    save_total_limit: PositiveInt = 2
-    use_vllm: bool = True
-    vllm_mode: Literal["colocate", "server"] = "colocate"
-    vllm_gpu_memory_utilization: Fraction = 0.7
-    vllm_enable_sleep_mode: bool = True
-    vllm_server_host: str = "127.0.0.1"
-    vllm_server_port: Annotated[int, Field(gt=0, lt=65536)] = 8000
-    vllm_max_model_length: PositiveInt | None = None
+    temperature: Annotated[float, Field(gt=0.0)]
+    top_p: Fraction
+    beta: Annotated[float, Field(ge=0.0)]
+    epsilon: Annotated[float, Field(gt=0.0, lt=1.0)]
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"]
+    scale_rewards: Literal["group", "batch", "none"]
+    gradient_checkpointing: bool
+    logging_steps: PositiveInt
+    save_steps: PositiveInt
+    save_total_limit: PositiveInt
+    use_vllm: bool
+    vllm_mode: Literal["colocate", "server"]
+    vllm_gpu_memory_utilization: Fraction
+    vllm_enable_sleep_mode: bool
+    vllm_server_host: str
+    vllm_server_port: Annotated[int, Field(gt=0, lt=65536)]
+    vllm_max_model_length: PositiveInt | None
+    use_liger_kernel: bool
+    log_completions: bool
     # merged: TRL merges the LoRA adapter and reloads every weight into vLLM each step; adapter: vLLM
     # serves the policy as a LoRA adapter and receives only its weights (pipeline/adapter_sync.py)
-    vllm_weight_sync: Literal["merged", "adapter"] = "merged"
-    use_liger_kernel: bool = False
+    vllm_weight_sync: Literal["merged", "adapter"]
     # stop when vLLM's and the trainer's log-probs (TRL's sampling_logp_difference/mean) stay above
     # this for max_logp_difference_steps logged steps in a row; null = never (docs/training.md)
-    max_logp_difference: Annotated[float, Field(gt=0.0)] | None = 0.3
-    max_logp_difference_steps: PositiveInt = 3
-    log_completions: bool = True
-    num_processes: PositiveInt | Literal["auto"] = "auto"
-    accelerate_config: str = "configs/accelerate/ddp.yaml"
+    max_logp_difference: Annotated[float, Field(gt=0.0)] | None
+    max_logp_difference_steps: PositiveInt
+    num_processes: PositiveInt | Literal["auto"]
+    accelerate_config: str
+
+    def grpo_kwargs(self) -> dict:
+        """Every key of `train:` that is TRL's, as GRPOConfig takes it."""
+        return {key: value for key, value in self.model_dump().items() if key not in self.PROJECT_KEYS}
+
+    @model_validator(mode="after")
+    def _extra_keys_are_grpo_config_fields(self) -> TrainParams:
+        fields = grpo_config_fields()
+        for key, value in (self.model_extra or {}).items():
+            if key in self.DERIVED_KEYS:
+                raise PydanticCustomError("train_key", "set by the project from {source}, not in train:",
+                                          {"key": key, "source": self.DERIVED_KEYS[key]})
+            if fields is None:  # TRL is not installed here: GRPOConfig itself checks the key where it runs
+                continue
+            if key not in fields:
+                raise PydanticCustomError("train_key", "unknown key (typo?): neither this project's nor a field "
+                                          "of TRL's GRPOConfig", {"key": key})
+            expected = _SIMPLE_TYPES.get(fields[key].removesuffix(" | None"))
+            if expected and not (value is None and fields[key].endswith(" | None")) and not (
+                    isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)):
+                raise PydanticCustomError("train_key", "GRPOConfig declares it {type} (got {value!r})",
+                                          {"key": key, "type": fields[key], "value": value})
+        return self
 
     def processes(self, visible_gpus: int) -> int:
         """`auto`: one training process per visible GPU, one on a machine without GPUs."""
@@ -281,13 +352,15 @@ def _format_error(path: Path, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "train_key":  # raised for the whole section: name the key itself
+            key = f"{key}.{item['ctx']['key']}"
         if item["type"] == "missing":
             reason = "missing (required)"
         elif item["type"] == "extra_forbidden":
             reason = "unknown key (typo?)"
         else:
             reason = item["msg"].removeprefix("Value error, ")
-            if "input" in item and not isinstance(item["input"], dict):
+            if "input" in item and not isinstance(item["input"], dict) and item["type"] != "train_key":
                 reason += f" (got {item['input']!r})"
         lines.append(f"{path}: {key}: {reason}")
     return "\n".join(lines)

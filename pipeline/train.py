@@ -78,59 +78,33 @@ def build_lora_config(params: Params):
 
 def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: list[str],
                       reward_weights: list[float], vision_token_ids: list[int]):
-    """Every TRL default that changed between releases is stated here explicitly."""
+    """`train:` goes to GRPOConfig as it is (params.yaml states every TRL default that changed between
+    releases); what is added here comes from elsewhere: the run, the machine, the rewards."""
     from trl import GRPOConfig
 
     train = params.train
-    dirs = run_dirs(params)
-    sleep = train.vllm_enable_sleep_mode and gpu
     generation_kwargs = {}
     if use_vllm and vision_token_ids:
         # a sampled vision token breaks the next forward pass; TRL suppresses them for transformers only
         generation_kwargs["logit_bias"] = {token: -100.0 for token in vision_token_ids}
+    # the project's choices where params.yaml is silent (a `train:` key of the same name wins) …
+    chosen = {
+        "save_strategy": "steps", "num_completions_to_print": 2, "dataloader_num_workers": 0, "disable_tqdm": False,
+        # every LoRA weight takes part in every forward (the frozen vision tower has none): DDP's
+        # search for unused parameters, on by default without gradient checkpointing, only costs time
+        "ddp_find_unused_parameters": False,
+    }
+    # … and what the machine decides: vLLM where it is installed, sleep mode on GPUs only
+    machine = {"use_vllm": use_vllm, "vllm_enable_sleep_mode": train.vllm_enable_sleep_mode and gpu, "bf16": gpu}
     return GRPOConfig(
-        output_dir=str(dirs["checkpoints"]),
+        **(chosen | train.grpo_kwargs() | machine),
+        output_dir=str(run_dirs(params)["checkpoints"]),
         run_name=params.run_id,
         seed=params.seed,
         data_seed=params.seed,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler_type,
-        warmup_steps=train.warmup_steps,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        num_generations=train.num_generations,
-        max_completion_length=train.max_completion_length,
-        temperature=train.temperature,
-        top_p=train.top_p,
-        beta=train.beta,
-        epsilon=train.epsilon,
-        loss_type=train.loss_type,
-        scale_rewards=train.scale_rewards,
         reward_weights=reward_weights,
-        gradient_checkpointing=train.gradient_checkpointing,
-        bf16=gpu,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
         report_to=report_to,
-        use_vllm=use_vllm,
-        vllm_mode=train.vllm_mode,
-        vllm_gpu_memory_utilization=train.vllm_gpu_memory_utilization,
-        vllm_enable_sleep_mode=sleep,
-        vllm_server_host=train.vllm_server_host,
-        vllm_server_port=train.vllm_server_port,
-        vllm_max_model_length=train.vllm_max_model_length,
-        use_liger_kernel=train.use_liger_kernel,
         generation_kwargs=generation_kwargs or None,
-        log_completions=train.log_completions,
-        num_completions_to_print=2,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        # every LoRA weight takes part in every forward (the frozen vision tower has none): DDP's search
-        # for unused parameters, on by default without gradient checkpointing, only costs a graph traversal
-        ddp_find_unused_parameters=False,
     )
 
 

@@ -110,6 +110,11 @@ MALFORMED = [
     ("train.vllm_max_model_length", 2048, "train.vllm_max_model_length", "model.max_model_len"),
     ("train.vllm_weight_sync", "lora", "train.vllm_weight_sync", "'merged' or 'adapter'"),
     ("train.vllm_weight_sync", "adapter", "train", "train.vllm_enable_sleep_mode: false"),  # sleep drops weights
+    # `train:` takes any field of TRL's GRPOConfig, checked by name and simple type without importing TRL
+    ("train.top_kk", 5, "train.top_kk", "unknown key"),
+    ("train.top_k", "5", "train.top_k", "GRPOConfig declares it int"),
+    ("train.max_grad_norm", True, "train.max_grad_norm", "GRPOConfig declares it float"),
+    ("train.seed", 3, "train.seed", "the top-level seed"),
 ]
 
 

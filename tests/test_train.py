@@ -54,6 +54,23 @@ def test_grpo_config_states_our_values_explicitly():
     assert config.vllm_gpu_memory_utilization == train.vllm_gpu_memory_utilization
 
 
+def test_a_grpo_config_knob_is_one_line_in_params_yaml(tmp_path):
+    """`train.top_k` is in no schema of this project: one line under `train:` in params.yaml puts it
+    in the GRPOConfig the stage builds."""
+    from pipeline.params import load_params
+    from pipeline.train import build_grpo_config
+
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    at = lines.index("train:") + 1
+    (tmp_path / "params.yaml").write_text("\n".join([*lines[:at], "  top_k: 7", *lines[at:]]) + "\n")
+    params = load_params(tmp_path / "params.yaml")
+    config = build_grpo_config(params, gpu=False, use_vllm=True, report_to=[], reward_weights=[1.0] * 4,
+                               vision_token_ids=[])
+    assert config.top_k == 7
+    assert build_grpo_config(load_params(REPO / "params.yaml"), gpu=False, use_vllm=True, report_to=[],
+                             reward_weights=[1.0] * 4, vision_token_ids=[]).top_k != 7
+
+
 def test_lora_targets_only_the_language_model(tiny_model_dir):
     from peft import get_peft_model
 
