@@ -19,7 +19,7 @@ import logging
 import random
 from pathlib import Path
 
-from pipeline import logs, modeling, prompts, synthetic
+from pipeline import answer_format, logs, modeling, prompts, synthetic
 
 logger = logging.getLogger("pipeline.embedded")
 
@@ -38,7 +38,7 @@ def warmup_target(row: dict, rng: random.Random) -> str:
     if row["choices"]:
         answer = chr(65 + row["choices"].index(answer))
     if rng.random() < FORMATTED_SHARE:
-        return f"<reasoning>\nI look at the image.\n</reasoning>\n<answer>{answer}</answer>"
+        return answer_format.formatted("I look at the image.", answer)
     return f"The answer is {answer}."
 
 

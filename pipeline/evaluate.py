@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import logs
+from pipeline.answer_format import extract_answer, is_soft, is_strict
 from pipeline.params import Params, Reports, load_params_or_exit
-from pipeline.rewards import soft_format_reward_func, strict_format_reward_func
-from pipeline.scoring import extract_answer, is_correct
+from pipeline.scoring import is_correct
 
 logger = logging.getLogger("pipeline.evaluate")
 MODELS = ("base", "adapter")
@@ -41,8 +41,8 @@ def score_rows(rows: Sequence[dict], texts: Sequence[str | None]) -> list[dict]:
         extracted = extract_answer(text)
         scored.append({
             "correct": is_correct(extracted, row),
-            "strict_format": strict_format_reward_func([text or ""])[0] == 1.0,
-            "soft_format": soft_format_reward_func([text or ""])[0] == 1.0,
+            "strict_format": is_strict(text),
+            "soft_format": is_soft(text),
             "extracted": extracted,
         })
     return scored

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import logs, prompts, registry
+from pipeline import answer_format, logs, prompts, registry
 from pipeline.generation import BACKENDS, BackendUnavailable, select_backend
 from pipeline.params import OUTPUT_ROOT, PARAMS_FILE, Params, load_params_or_exit
 
@@ -281,10 +281,7 @@ def locate_adapter(run_id: str, entry: dict) -> RunTarget:
 # generation
 # ---------------------------------------------------------------------------------------------
 def score(text: str | None) -> tuple[str | None, bool]:
-    from pipeline.rewards import strict_format_reward_func
-    from pipeline.scoring import extract_answer
-
-    return extract_answer(text), strict_format_reward_func([text or ""])[0] == 1.0
+    return answer_format.extract_answer(text), answer_format.is_strict(text)
 
 
 def run_inference(targets: list[RunTarget], images: list[ImageSource], params: Params, args) -> list[Result]:
@@ -553,7 +550,7 @@ def build_parser(params: Params | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--image_path", action="append", required=True,
                         help="image file, folder of images, http(s) URL, or a comma list of these (repeatable)")
     parser.add_argument("--prompt", required=True, help="the question asked about every image")
-    parser.add_argument("--system_prompt", default=prompts.SYSTEM_PROMPT,
+    parser.add_argument("--system_prompt", default=answer_format.SYSTEM_PROMPT,
                         help="system message (default: the one used in training)")
     parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens if defaults else 512)
     parser.add_argument("--temperature", type=float, default=defaults.temperature if defaults else 0.0,

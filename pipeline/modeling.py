@@ -48,6 +48,7 @@ class ModelNotAvailableError(RuntimeError):
 
 
 def _tokenizer_corpus() -> list[str]:
+    from pipeline.answer_format import TAGS
     from pipeline.synthetic import COLORS, make_rows
 
     words = (
@@ -56,7 +57,7 @@ def _tokenizer_corpus() -> list[str]:
         "circles squares shapes figure value equals plus minus divided by times first then because"
     ).split()
     texts = [row["query"] for row in make_rows(200, seed=12345)]
-    texts += ["<reasoning>", "</reasoning>", "<answer>", "</answer>", " ".join(words), " ".join(COLORS)]
+    texts += [*TAGS, " ".join(words), " ".join(COLORS)]
     texts += [f"{i} {i}.{i % 10} ({chr(65 + i % 4)})" for i in range(200)]
     return texts
 

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-SYSTEM_PROMPT = (
-    "You are a careful visual reasoning assistant. Look at the image and answer the question. "
-    "First think step by step inside <reasoning> and </reasoning>, then give only the final answer "
-    "inside <answer> and </answer>."
-)
+from pipeline.answer_format import SYSTEM_PROMPT
 
 CHOICES_HEADER = "Choices:"
 CHOICE_INSTRUCTION = "Answer with the option's letter."

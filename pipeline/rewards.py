@@ -6,28 +6,23 @@ maps the names used in `params.yaml` to functions; a name of the form `package.m
 loads a user's own. The seed's names (`*_reward_func`) stay importable so old configs keep working.
 
 GRPO optimises exactly what these pay for, so each is written against the ways a policy games it:
-format rewards read the tag sequence (not a regex over the whole text, which needed DOTALL, broke
-on a leading space and could pay tags in any order) and never pay an empty answer; correctness is
-`pipeline.scoring.is_correct`, the grader the evaluation stage uses. Rewards never raise and stay in
-a fixed range whatever the model writes. Every rule, with examples the tests check, is in
-docs/reward_logic.md.
+format rewards pay the predicates of `pipeline.answer_format` (the tag sequence, never an empty
+answer); correctness is `pipeline.scoring.is_correct`, the grader the evaluation stage uses. Rewards
+never raise and stay in a fixed range whatever the model writes. Every rule, with examples the tests
+check, is in docs/reward_logic.md.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pipeline.scoring import completion_text, extract_answer, is_correct
+from pipeline.answer_format import ANSWER_CLOSE, TAGS, completion_text, extract_answer, is_soft, is_strict
+from pipeline.scoring import is_correct
 
 RewardFunc = Callable[..., list[float]]
-
-REASONING_OPEN, REASONING_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<reasoning>", "</reasoning>", "<answer>", "</answer>"
-TAGS = (REASONING_OPEN, REASONING_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-_TAG_RE = re.compile(r"</?(?:reasoning|answer)>")
 
 XML_TAG_CREDIT = 0.125  # per tag; four tags make xmlcount's maximum 0.5
 XML_TRAILING_PENALTY = 0.001  # per non-space character after </answer> …
@@ -41,45 +36,6 @@ def _texts(completions: Any) -> list[str]:
         return [completion_text(completion) for completion in completions]
     except TypeError:
         return []
-
-
-def _tags(text: str) -> list[tuple[str, int, int]]:
-    return [(match.group(), match.start(), match.end()) for match in _TAG_RE.finditer(text)]
-
-
-def _blocks_at(text: str, tags: list[tuple[str, int, int]], i: int) -> tuple[str, str] | None:
-    """(reasoning, answer) when tags[i:i+4] are the four tags in order with only space between the blocks."""
-    window = tags[i:i + 4]
-    if len(window) < 4 or tuple(tag for tag, _, _ in window) != TAGS:
-        return None
-    (_, _, r_start), (_, r_end, r_close), (_, a_open, a_start), (_, a_end, _) = window
-    if text[r_close:a_open].strip():
-        return None
-    return text[r_start:r_end], text[a_start:a_end]
-
-
-def strict_format(text: str) -> float:
-    """1.0 for exactly one reasoning block then one answer block, both non-empty, nothing else but space."""
-    tags = _tags(text)
-    if len(tags) != 4:
-        return 0.0
-    blocks = _blocks_at(text, tags, 0)
-    if blocks is None or not blocks[0].strip() or not blocks[1].strip():
-        return 0.0
-    if text[:tags[0][1]].strip() or text[tags[3][2]:].strip():
-        return 0.0
-    return 1.0
-
-
-def soft_format(text: str) -> float:
-    """1.0 when a reasoning block is directly followed by a non-empty answer block, anywhere in the text."""
-    tags = _tags(text)
-    for i, (tag, _, _) in enumerate(tags):
-        if tag == REASONING_OPEN:
-            blocks = _blocks_at(text, tags, i)
-            if blocks is not None and blocks[1].strip():
-                return 1.0
-    return 0.0
 
 
 def xml_count(text: str) -> float:
@@ -108,12 +64,12 @@ def _safe(rule: Callable[[str], float], text: str) -> float:
 
 def strict_format_reward_func(completions: Sequence[Any], **_: Any) -> list[float]:
     """1.0 for exactly `<reasoning>…</reasoning><answer>…</answer>` (space around allowed), else 0.0."""
-    return [_safe(strict_format, text) for text in _texts(completions)]
+    return [float(is_strict(text)) for text in _texts(completions)]
 
 
 def soft_format_reward_func(completions: Sequence[Any], **_: Any) -> list[float]:
     """1.0 when a reasoning block is followed by a non-empty answer block anywhere in the text, else 0.0."""
-    return [_safe(soft_format, text) for text in _texts(completions)]
+    return [float(is_soft(text)) for text in _texts(completions)]
 
 
 def xmlcount_reward_func(completions: Sequence[Any], **_: Any) -> list[float]:

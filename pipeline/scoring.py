@@ -1,12 +1,12 @@
-"""Answer extraction and grading: the one function training, evaluation and inference share.
+"""Answer grading: the one function training, evaluation and inference share.
 
-`is_correct(prediction, row)` grades the text inside `<answer>…</answer>` against a row in
-MathVista's schema (answer, choices, question_type, answer_type, precision, unit). It follows
-MathVista's rules where they are sound and is stricter where they would pay a policy for nothing:
-MathVista maps any unmatched text to the nearest option by edit distance, and truncates "5.9" to
-the integer 5; here an answer that is empty, garbage, names several options or is a different
-number is wrong. Every rule and every deliberate difference is listed, with examples the tests
-check, in docs/reward_logic.md.
+`is_correct(prediction, row)` grades the text inside `<answer>…</answer>` (taken out by
+`pipeline.answer_format.extract_answer`) against a row in MathVista's schema (answer, choices,
+question_type, answer_type, precision, unit). It follows MathVista's rules where they are sound and
+is stricter where they would pay a policy for nothing: MathVista maps any unmatched text to the
+nearest option by edit distance, and truncates "5.9" to the integer 5; here an answer that is empty,
+garbage, names several options or is a different number is wrong. Every rule and every deliberate
+difference is listed, with examples the tests check, in docs/reward_logic.md.
 
 The common answers (letters, option text, plain numbers with units, commas, %, `\\boxed{}`,
 `\\frac{a}{b}`) are graded by compiled patterns in pure Python. Only a short LaTeX expression the
@@ -30,51 +30,6 @@ MAX_PRECISION = 12  # MathVista's precisions are 1-3; more digits than this is a
 _MAX_EXPONENT = 100  # |value| beyond 1e100 or below 1e-100 is not an answer anyone asked for
 # enough digits to round any accepted value (up to 1e100) to MAX_PRECISION places exactly
 _ROUNDING = Context(prec=_MAX_EXPONENT + MAX_PRECISION + 10)
-
-# ---------------------------------------------------------------------------------------------
-# completions and the answer block
-# ---------------------------------------------------------------------------------------------
-_OPEN, _CLOSE = "<answer>", "</answer>"
-
-
-def completion_text(completion: Any) -> str:
-    """TRL passes conversational completions as `[{"role": "assistant", "content": ...}]`."""
-    try:
-        if completion is None:
-            return ""
-        if isinstance(completion, str):
-            return completion
-        if isinstance(completion, Mapping):
-            message = completion
-        elif isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], Mapping):
-            message = completion[-1]
-        else:
-            return ""
-        content = message.get("content")
-        if isinstance(content, list):  # multimodal content parts
-            return "".join(part.get("text") or "" for part in content
-                           if isinstance(part, Mapping) and isinstance(part.get("text"), str))
-        return content if isinstance(content, str) else ""
-    except Exception:  # noqa: BLE001 - a malformed message is an empty completion, not a crash
-        return ""
-
-
-def extract_answer(text: str | None) -> str | None:
-    """The stripped text of the last complete `<answer>…</answer>` block, or None when there is none.
-
-    The last block counts (a model that revises itself ends with its final answer); the search is
-    two `rfind`s, so it is linear whatever tags the text nests or leaves open.
-    """
-    if not text or not isinstance(text, str):
-        return None
-    end = text.rfind(_CLOSE)
-    if end < 0:
-        return None
-    start = text.rfind(_OPEN, 0, end)
-    if start < 0:
-        return None
-    return text[start + len(_OPEN):end].strip()
-
 
 # ---------------------------------------------------------------------------------------------
 # normalisation: LaTeX wrappers, unicode, markdown

@@ -87,8 +87,8 @@ def test_warmed_up_model_formats_sometimes(tiny_model_dir):
     """The warm-up gives GRPO a signal: some samples follow the format, not all of them."""
     import torch
 
+    from pipeline.answer_format import extract_answer
     from pipeline.generation import generate_batched
-    from pipeline.scoring import extract_answer
 
     processor = modeling.load_processor(str(tiny_model_dir))
     model = modeling.load_model(str(tiny_model_dir))

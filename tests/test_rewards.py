@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import rewards
+from pipeline.answer_format import extract_answer
 from pipeline.rewards import (
     REWARD_FUNCS,
     REWARD_RANGES,
@@ -30,7 +31,7 @@ from pipeline.rewards import (
     strict_format_reward_func,
     xmlcount_reward_func,
 )
-from pipeline.scoring import extract_answer, is_correct
+from pipeline.scoring import is_correct
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_TAIL = "x" * 300
@@ -234,7 +235,7 @@ def test_huge_completion_stays_in_range() -> None:
 # ---------------------------------------------------------------------------------------------
 def test_registry_imports_light() -> None:
     """params validation imports the registry: no torch, transformers or sympy may come with it."""
-    code = ("import sys, pipeline.rewards, pipeline.scoring; "
+    code = ("import sys, pipeline.rewards, pipeline.scoring, pipeline.answer_format; "
             "heavy = {'torch', 'transformers', 'trl', 'sympy', 'math_verify'} & set(sys.modules); "
             "print(sorted(heavy)); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
@@ -280,7 +281,7 @@ def test_dotted_path_loads_a_users_own_module(tmp_path: Path, monkeypatch: pytes
     ("correctnes", "unknown reward"),
     ("no_such_module_xyz:func", "cannot load"),
     ("pipeline.rewards:no_such_func", "cannot load"),
-    ("pipeline.rewards:TAGS", "not callable"),
+    ("pipeline.answer_format:TAGS", "not callable"),
     (":func", "unknown reward"),
     ("pipeline.rewards:", "unknown reward"),
     (None, "must be a string"),

@@ -19,12 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mathvista_scorer import normalize
 
+from pipeline.answer_format import completion_text, extract_answer
 from pipeline.scoring import (
     MAX_ANSWER_CHARS,
     choice_index,
     clean_answer,
-    completion_text,
-    extract_answer,
     is_correct,
     latex_number,
     parse_number,
