@@ -101,7 +101,7 @@ CONFIGS = {
     "B-server": {**TUNED, "train.vllm_mode": "server"},
     # adapter-only sync: vLLM serves the base weights with LoRA enabled and receives the adapter alone
     "B-adapter": {**TUNED, "train.vllm_weight_sync": "adapter"},
-    # a 141 GB card (presets/gpu-h200.yaml): adapter-only sync, 2 micro-batches of 8 (half the passes)
+    # a 141 GB card (as in presets/gpu-h200-qwen3-vl-8b.yaml): adapter-only sync, 2 micro-batches of 8 (half the passes)
     "B-h200": {**TUNED, "train.vllm_weight_sync": "adapter", "train.per_device_train_batch_size": 8,
                "train.gradient_accumulation_steps": 2},
 }
@@ -144,8 +144,8 @@ def build_model_dir(out: Path, shape: str) -> Path:
 
 
 def measure_floors() -> dict:
-    """What the card can do at best (METHOD.md): a large device-to-device copy and a large bf16 matmul,
-    and with several GPUs a copy from GPU 0 to GPU 1 (the server-mode weight sync's link)."""
+    """What the card can do at best (docs/performance.md, "Floors"): a large device-to-device copy and a
+    large bf16 matmul, and with several GPUs a copy from GPU 0 to GPU 1 (the server-mode weight sync's link)."""
     import torch
 
     def timed(fn, repeats: int) -> float:
@@ -307,7 +307,7 @@ def phase_split(history: list[dict], warmup: int, completions_per_step: int, gpu
 
 
 def phase_floors(result: dict, floors: dict, model: dict, params: dict, gpus: int = 1) -> dict:
-    """Each phase's best possible time on this card (METHOD.md), from the measured copy and matmul rates.
+    """Each phase's best possible time on this card (docs/performance.md), from the measured copy and matmul rates.
 
     rollout: every decode step reads all bf16 weights (plus the KV cache, on average half of its final
     size) once; completions run to max_completion_length; colocated, each of the `gpus` decodes its

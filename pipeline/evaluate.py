@@ -64,7 +64,7 @@ def summarise(scored: Sequence[dict], generations: Sequence) -> dict:
     }
 
 
-# MathVista's own breakdown (its evaluation/calculate_score.py), in its order
+# MathVista's own breakdown (its official scorer, ported in tests/mathvista_scorer.py), in its order
 BREAKDOWN_FIELDS = ("question_type", "answer_type", "language", "source", "category", "task", "context", "grade",
                     "skills")
 
@@ -205,8 +205,9 @@ MATHVISTA_METADATA = ("category", "context", "grade", "language", "source", "tas
 
 def mathvista_output(rows: Sequence[dict], generations: Sequence, scored: Sequence[dict]) -> dict[str, dict]:
     """MathVista's output file: pid → the problem with `response`, `extraction` and `true_false`, the
-    input MathVista's own evaluation/calculate_score.py grades (it re-derives `true_false` from
-    `extraction` by its rules; ours, from the same extraction, is kept for comparison)."""
+    input MathVista's official scorer grades (tests/mathvista_scorer.py ports it). That scorer
+    re-derives `true_false` from `extraction` by its rules; ours, from the same extraction, is kept
+    for comparison."""
     output = {}
     for row, generation, score in zip(rows, generations, scored, strict=True):
         precision = row.get("precision")

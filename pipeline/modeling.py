@@ -1,8 +1,8 @@
 """Loading Qwen-VL models, and building the tiny offline ones the demo and tests use.
 
-`load_model_and_processor` is the only loader: it reads the checkpoint's own config to pick the
-model class (Qwen2.5-VL, Qwen3-VL, ...) and uses `from_pretrained` for the 7B model and for the
-tiny one alike. `build_tiny_model` writes a randomly initialised Qwen2.5-VL or Qwen3-VL with the
+`load_model` and `load_processor` are the only loaders: the checkpoint's own config picks the
+model class (Qwen2.5-VL, Qwen3-VL, ...), and `from_pretrained` serves the 7B model and the tiny
+one alike. `build_tiny_model` writes a randomly initialised Qwen2.5-VL or Qwen3-VL with the
 real architecture classes, its own byte-level BPE tokenizer with Qwen's special tokens and chat
 template, and a Qwen image processor, so everything runs without the Hugging Face Hub.
 
@@ -12,7 +12,6 @@ its dtype from `vllm_dtype` and, on a CPU machine, its environment from `cpu_vll
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -165,18 +164,6 @@ def build_tiny_model(kind: str, out_dir: Path | str, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
-
-
-def weights_digest(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def is_local_path(name_or_path: str) -> bool:
-    return os.path.isdir(name_or_path)
 
 
 def on_gpu() -> bool:

@@ -110,12 +110,6 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "strict_format": strict_format_reward_func,
     "correctness": correctness_reward_func,
 }
-REWARD_RANGES: dict[str, tuple[float, float]] = {
-    "xmlcount": (0.0, 4 * XML_TAG_CREDIT),
-    "soft_format": (0.0, 1.0),
-    "strict_format": (0.0, 1.0),
-    "correctness": (0.0, 1.0),
-}
 
 
 class RewardLookupError(ValueError):

@@ -79,10 +79,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def render() -> dict[str, str]:
     """Every generated block, computed by the code under test on the shared cases."""
     from pipeline.answer_format import extract_answer
-    from pipeline.rewards import REWARD_FUNCS, REWARD_RANGES
+    from pipeline.rewards import REWARD_FUNCS
     from pipeline.scoring import is_correct
 
     scoring_cases, reward_cases = _cases("test_scoring"), _cases("test_rewards")
+    REWARD_RANGES = reward_cases.REWARD_RANGES  # noqa: N806 - the test module's constant
     blocks = {}
 
     blocks["registry"] = _table(["name in params.yaml", "function", "range"], [

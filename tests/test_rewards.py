@@ -22,7 +22,6 @@ from pipeline import rewards
 from pipeline.answer_format import extract_answer
 from pipeline.rewards import (
     REWARD_FUNCS,
-    REWARD_RANGES,
     RewardLookupError,
     correctness_reward_func,
     get_reward_func,
@@ -179,6 +178,13 @@ TEXTS = st.text(max_size=300) | st.lists(TAG_PIECES, max_size=40).map("".join)
 COMPLETIONS = (st.none() | TEXTS | TEXTS.map(_message) | st.just([]) | st.just([{"content": None}]) | st.integers()
                | st.just([{"role": "assistant", "content": [{"type": "text", "text": "<answer>B</answer>"}]}]))
 ANY_VALUE = st.none() | st.floats() | st.integers() | st.text(max_size=12) | st.lists(st.text(max_size=6), max_size=4)
+# the range each registered reward promises (docs/reward_logic.md's registry table shows it)
+REWARD_RANGES: dict[str, tuple[float, float]] = {
+    "xmlcount": (0.0, 4 * rewards.XML_TAG_CREDIT),
+    "soft_format": (0.0, 1.0),
+    "strict_format": (0.0, 1.0),
+    "correctness": (0.0, 1.0),
+}
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
