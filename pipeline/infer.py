@@ -40,6 +40,7 @@ from typing import Any
 
 from pipeline import answer_format, logs, prompts, registry
 from pipeline.generation import BACKENDS, BackendUnavailable, select_backend
+from pipeline.images import ImageRules, prepare_image
 from pipeline.params import OUTPUT_ROOT, PARAMS_FILE, Params, load_params_or_exit
 
 logger = logging.getLogger("pipeline.infer")
@@ -167,36 +168,6 @@ def _read_file(path: Path, max_bytes: int) -> ImageSource:
         return ImageSource(str(path), error=f"cannot read: {error.strerror or error}")
 
 
-def image_rules(preprocessing: dict, params: Params):
-    """The run's recorded preprocessing; runs registered before it was recorded get today's params."""
-    from pipeline.prepare import ImageRules
-
-    uniform = preprocessing.get("uniform_size", params.data.uniform_size)
-    return ImageRules(
-        factor=preprocessing.get("factor", params.model.image_factor),
-        min_pixels=preprocessing.get("min_pixels", params.model.min_pixels),
-        max_pixels=preprocessing.get("max_pixels", params.model.max_pixels),
-        max_aspect_ratio=preprocessing.get("max_aspect_ratio", params.data.max_aspect_ratio),
-        uniform_size=tuple(uniform) if uniform else None,
-        base_dir=None,
-    )
-
-
-def prepare_image(data: bytes, rules):
-    """Exactly the prepare stage's cleaning (RGB, EXIF, resize to the pixel budget), so inputs match training."""
-    from PIL import Image
-
-    from pipeline.prepare import BadRow, clean_image
-
-    try:
-        cleaned, _, _ = clean_image({"bytes": data, "path": None}, rules)
-    except BadRow as error:
-        raise ValueError(f"not a usable image ({error.reason})") from None
-    image = Image.open(io.BytesIO(cleaned["bytes"]))
-    image.load()
-    return image
-
-
 # ---------------------------------------------------------------------------------------------
 # runs
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +198,7 @@ def resolve_runs(specs: list[str], params: Params) -> list[RunTarget]:
         seen.add(run_id)
         if run_id == BASE:
             targets.append(RunTarget(BASE, params.model.name_or_path, params.model.revision,
-                                     preprocessing=_params_preprocessing(params)))
+                                     preprocessing=ImageRules.from_params(params).record()))
         elif run_id not in entries:
             known = ", ".join(sorted(entries)) or "none registered yet"
             reason = registry_error or f"unknown run id (known: {known}; or 'all', 'base')"
@@ -235,12 +206,6 @@ def resolve_runs(specs: list[str], params: Params) -> list[RunTarget]:
         else:
             targets.append(locate_adapter(run_id, entries[run_id]))
     return targets
-
-
-def _params_preprocessing(params: Params) -> dict:
-    return {"factor": params.model.image_factor, "min_pixels": params.model.min_pixels,
-            "max_pixels": params.model.max_pixels, "max_aspect_ratio": params.data.max_aspect_ratio,
-            "uniform_size": params.data.uniform_size}
 
 
 def locate_adapter(run_id: str, entry: dict) -> RunTarget:
@@ -317,7 +282,7 @@ class _Job:
     args: Any
     conversation: list[dict]
     results: list[Result]
-    cache: dict[tuple, list] = field(default_factory=dict)  # preprocessing rules → [(source, image, error)]
+    cache: dict[ImageRules, list] = field(default_factory=dict)  # → [(source, image, error)]
     reported: set[str] = field(default_factory=set)  # an unusable image is reported once, not once per run
 
     def add(self, target: RunTarget, prepared: list[ImageSource], generations, backend: str) -> None:
@@ -435,17 +400,16 @@ def _attach(model, peft_model, loaded: str | None, adapter: str, name: str):
 
 
 def _prepare_images(target: RunTarget, job: _Job):
-    rules = image_rules(target.preprocessing, job.params)
-    key = (rules.factor, rules.min_pixels, rules.max_pixels, rules.max_aspect_ratio, rules.uniform_size)
-    if key not in job.cache:
-        job.cache[key] = []
+    rules = ImageRules.from_record(target.preprocessing, job.params)
+    if rules not in job.cache:
+        job.cache[rules] = []
         for source in job.usable:
             try:
-                job.cache[key].append((source, prepare_image(source.data, rules), None))
+                job.cache[rules].append((source, prepare_image(source.data, rules), None))
             except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
-                job.cache[key].append((source, None, str(error)))
+                job.cache[rules].append((source, None, str(error)))
     prepared, batch_images = [], []
-    for source, image, error in job.cache[key]:
+    for source, image, error in job.cache[rules]:
         if error is None:
             prepared.append(source)
             batch_images.append(image)

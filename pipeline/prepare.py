@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import logs
+from pipeline.images import BadImage, ImageRules, clean_image
 from pipeline.params import ColumnMap, DataParams, ModelParams, Params, Reports, load_params_or_exit
 from pipeline.prompts import conversation, user_text
 
@@ -39,9 +39,6 @@ HELPER_COLUMNS = ("drop_reason", "train_drop_reason", "image_tokens", "content_k
 REPORT_EXAMPLES = 5
 IMAGE_PLACEHOLDER_RE = re.compile(r"<image>")
 MAX_PRECISION = 10  # decimal places; more is a data error, not a precision
-PNG_COMPRESS_LEVEL = 1  # lossless either way; level 1 encodes ~2× faster than 6 for a few % more bytes
-JPEG_QUALITY = 95  # re-encoding a JPEG source: visually lossless, far below PNG's size for photos
-LETTERBOX_FILL = (255, 255, 255)  # white: what charts and diagrams are drawn on
 TEMPLATE_SLACK = 16  # tokens a model's own chat template may add beyond plain ChatML (upper-bound count only)
 ROW_GROUP_ROWS = 100  # fixed parquet row groups: the file layout never depends on num_proc
 ANSWER_TYPES = ("integer", "float", "text", "list")
@@ -295,130 +292,13 @@ def metadata_value(value: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# images
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImageRules:
-    factor: int
-    min_pixels: int
-    max_pixels: int
-    max_aspect_ratio: float
-    uniform_size: tuple[int, int] | None = None
-    base_dir: str | None = None
-
-
-def _image_source(value: Any, base_dir: str | None) -> Any:
-    """Raw bytes, a path or a PIL image, from whatever the image column holds."""
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise BadRow("missing_image" if not value else "multiple_images")
-        value = value[0]
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if _missing(value) or value == b"":
-        raise BadRow("missing_image")
-    if isinstance(value, str):
-        path = Path(value) if Path(value).is_absolute() or not base_dir else Path(base_dir) / value
-        if not path.is_file():
-            raise BadRow("missing_image")
-        return path.read_bytes()
-    return value
-
-
-def decode_image(value: Any, base_dir: str | None):
-    """(image, raw bytes or None); every decoder failure, bombs included, is an unreadable image."""
-    from PIL import Image
-
-    source = _image_source(value, base_dir)
-    if isinstance(source, Image.Image):
-        return source, None
-    try:
-        image = Image.open(io.BytesIO(bytes(source)))
-        image.load()
-    except Exception:  # noqa: BLE001 - PIL raises many types for bad files
-        raise BadRow("unreadable_image") from None
-    return image, bytes(source)
-
-
-def to_rgb(image):
-    """EXIF orientation applied, transparency flattened onto white (not black) so drawings stay legible."""
-    from PIL import Image, ImageOps
-
-    if image.getexif().get(0x0112, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, LETTERBOX_FILL + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def check_shape(width: int, height: int, rules: ImageRules) -> None:
-    if width <= 0 or height <= 0:
-        raise BadRow("zero_size_image")
-    if max(width, height) / min(width, height) > rules.max_aspect_ratio:
-        raise BadRow("extreme_aspect_ratio")
-
-
-def fitted_size(width: int, height: int, rules: ImageRules) -> tuple[int, int]:
-    """Qwen's own rule (qwen-vl-utils smart_resize): sides multiples of the factor, pixels within budget."""
-    from qwen_vl_utils import smart_resize
-
-    new_height, new_width = smart_resize(height, width, factor=rules.factor, min_pixels=rules.min_pixels,
-                                         max_pixels=rules.max_pixels)
-    if new_width <= 0 or new_height <= 0:  # a side rounded down to nothing: too thin for the budget
-        raise BadRow("extreme_aspect_ratio")
-    return new_width, new_height
-
-
-def letterbox(image, size: tuple[int, int]):
-    """Scale to fit `size` with the aspect ratio kept, centred on white: one token count for every image."""
-    from PIL import Image
-
-    width, height = image.size
-    scale = min(size[0] / width, size[1] / height)
-    inner = (max(1, round(width * scale)), max(1, round(height * scale)))
-    canvas = Image.new("RGB", size, LETTERBOX_FILL)
-    canvas.paste(image.resize(inner, Image.Resampling.BICUBIC), ((size[0] - inner[0]) // 2, (size[1] - inner[1]) // 2))
-    return canvas
-
-
-def encode_image(image, lossy_source: bool) -> bytes:
-    """A JPEG stays JPEG (PNG would be ~5× larger and slower for no fidelity it ever had); all else is PNG."""
-    buffer = io.BytesIO()
-    if lossy_source:
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    else:
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
-
-
-def clean_image(value: Any, rules: ImageRules) -> tuple[dict, int, str]:
-    """(datasets Image value, image tokens, pixel digest). Unchanged RGB PNG/JPEG keep their bytes."""
-    from PIL import Image
-
-    decoded, raw = decode_image(value, rules.base_dir)
-    check_shape(*decoded.size, rules)
-    image = to_rgb(decoded)
-    size = rules.uniform_size or fitted_size(*image.size, rules)
-    if rules.uniform_size:
-        image = letterbox(image, size)
-    elif image.size != size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    unchanged = image is decoded and raw is not None and decoded.format in ("PNG", "JPEG")
-    data = raw if unchanged else encode_image(image, lossy_source=decoded.format == "JPEG")
-    tokens = (size[0] // rules.factor) * (size[1] // rules.factor)
-    digest = hashlib.sha256(f"{size}".encode() + image.tobytes()).hexdigest()
-    return {"bytes": data, "path": None}, tokens, digest
-
-
-# ---------------------------------------------------------------------------------------------
 # one row (runs in the datasets.map workers)
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RowRules:
     paths: dict[str, tuple[str, ...] | None]
     images: ImageRules
+    base_dir: str | None = None  # where a relative image path in the source is read from
 
 
 @functools.cache
@@ -465,7 +345,7 @@ def prepare_row(row: dict, index: int, rules: RowRules) -> dict:
     paths = rules.paths
     try:
         fields = _question_fields(row, paths)
-        image, tokens, digest = clean_image(read_field(row, paths["image"]), rules.images)
+        image, tokens, digest = clean_image(read_field(row, paths["image"]), rules.images, rules.base_dir)
         out.update(fields, id=_example_id(row, paths, fields, digest), image=image, image_tokens=tokens)
         out["prompt"] = conversation(user_text(fields["question"], fields["choices"], fields["unit"],
                                                fields["precision"], fields["answer_type"]))
@@ -474,7 +354,7 @@ def prepare_row(row: dict, index: int, rules: RowRules) -> dict:
             # a benchmark row keeps them (graded by text, docs/reward_logic.md); a policy must not learn them
             out["train_drop_reason"] = "duplicate_choices"
         out.update({name: metadata_value(read_field(row, paths[name])) for name in METADATA_FIELDS})
-    except BadRow as bad:
+    except (BadRow, BadImage) as bad:
         out = dict.fromkeys(output_columns())
         out["drop_reason"] = bad.reason
     except Exception as error:  # noqa: BLE001 - a bug on one odd row must not sink the stage; it is counted
@@ -707,19 +587,11 @@ def check_disjoint(candidates: list[Candidate]) -> None:
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
-def image_rules(params: Params, base_dir: str | None) -> ImageRules:
-    model, data = params.model, params.data
-    uniform = tuple(data.uniform_size) if data.uniform_size else None
-    if uniform:
-        width, height = uniform
-        if width % model.image_factor or height % model.image_factor:
-            raise PrepareError(f"data.uniform_size {list(uniform)} must be multiples of model.image_factor "
-                               f"({model.image_factor})")
-        if not model.min_pixels <= width * height <= model.max_pixels:
-            raise PrepareError(f"data.uniform_size {list(uniform)} is {width * height} pixels, outside "
-                               f"model.min_pixels..max_pixels ({model.min_pixels}..{model.max_pixels})")
-    return ImageRules(model.image_factor, model.min_pixels, model.max_pixels, data.max_aspect_ratio, uniform,
-                      base_dir)
+def image_rules(params: Params) -> ImageRules:
+    try:
+        return ImageRules.from_params(params).checked()
+    except ValueError as error:
+        raise PrepareError(str(error)) from None
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -741,7 +613,7 @@ def process_source(source: Source, params: Params, work_dir: str):
         raw = raw.select(range(min(params.data.max_rows, len(raw))))
     if len(raw) == 0:
         raise PrepareError(f"dataset {source.name!r} (split {source.split!r}) has no rows")
-    rules = RowRules(paths, image_rules(params, image_base_dir(source)))
+    rules = RowRules(paths, image_rules(params), image_base_dir(source))
     num_proc = min(params.data.num_proc, len(raw))
     processed = raw.map(
         prepare_row, with_indices=True, fn_kwargs={"rules": rules}, remove_columns=raw.column_names,
@@ -803,7 +675,7 @@ def build_report(sources, rows_read, candidates, ledger, counter, budget, params
 def prepare(params: Params, out_dir: Path) -> dict:
     """Both splits written under out_dir; returns the data report. Raises PrepareError when unusable."""
     sources = sources_of(params.data)
-    image_rules(params, None)  # a bad uniform_size stops the stage before any data is read
+    image_rules(params)  # a bad uniform_size stops the stage before any data is read
     budget = params.model.max_model_len - params.train.max_completion_length
     if budget <= 0:
         raise PrepareError(f"model.max_model_len ({params.model.max_model_len}) leaves no room for a prompt "

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from pipeline import logs, registry
+from pipeline.images import ImageRules
 from pipeline.params import Params, Reports, load_params_or_exit
 
 logger = logging.getLogger("pipeline.publish")
@@ -185,10 +186,7 @@ def registry_fields(params: Params) -> dict:
         "dataset": params.data.source,
         "dataset_split": params.data.split,
         # what pipeline.infer needs to feed new images exactly as training and evaluation saw them
-        "image_preprocessing": {
-            "factor": model.image_factor, "min_pixels": model.min_pixels, "max_pixels": model.max_pixels,
-            "max_aspect_ratio": params.data.max_aspect_ratio, "uniform_size": params.data.uniform_size,
-        },
+        "image_preprocessing": ImageRules.from_params(params).record(),
         "dvc_hashes": dvc_hashes(root),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
+from pipeline import images
 from pipeline import prepare as prep
 from pipeline.params import ModelParams, ParamsError, parse_params
 
@@ -399,12 +400,14 @@ def test_choices_precision_and_shapes():
     assert prep.clean_choices('["a", "b"]') == ["a", "b"] and prep.clean_choices(None) is None
     assert prep.match_choice("(b)", ["x", "y"]) == "y" and prep.match_choice(" Y ", ["x", "y"]) == "y"
     assert prep.clean_precision("2") == 2.0 and prep.clean_precision(None) is None
-    rules = prep.ImageRules(FACTOR, MIN_PIXELS, MAX_PIXELS, max_aspect_ratio=50.0)
+    rules = images.ImageRules(FACTOR, MIN_PIXELS, MAX_PIXELS, max_aspect_ratio=50.0)
     for call, reason in [(lambda: prep.clean_choices("a or b"), "unparseable_choices"),
-                         (lambda: prep.clean_precision(float("inf")), "unparseable_precision"),
-                         (lambda: prep.check_shape(0, 10, rules), "zero_size_image"),
-                         (lambda: prep.check_shape(10, 600, rules), "extreme_aspect_ratio")]:
+                         (lambda: prep.clean_precision(float("inf")), "unparseable_precision")]:
         with pytest.raises(prep.BadRow, match=reason):
+            call()
+    for call, reason in [(lambda: images.check_shape(0, 10, rules), "zero_size_image"),
+                         (lambda: images.check_shape(10, 600, rules), "extreme_aspect_ratio")]:
+        with pytest.raises(images.BadImage, match=reason):
             call()
 
 
