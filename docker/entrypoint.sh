@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Entry point of the project image (docker/Dockerfile): runtime checks, then the command.
+# Entry point of the project image (docker/Dockerfile): runtime checks, then the command. It writes
+# nothing: `make setup` in the image checks the image's python (GRPO_IN_IMAGE, see the Makefile).
 # The repository is mounted at the working directory (/workspace) at run time, never baked in.
 set -euo pipefail
 
@@ -16,16 +17,6 @@ case "${GRPO_GPU_VENDOR:-}" in
     fi
     ;;
 esac
-
-# `make setup` builds the CPU .venv; in the image the environment is the image itself ($VENV points
-# at a wrapper of the image's python). Mark it current for the mounted checkout, exactly as
-# scripts/setup_cpu_env.sh checks it (tests/test_docker.py keeps the two in step), so `make train`
-# and every target that depends on `setup` run here unchanged and never install the CPU stack.
-if [ -n "${VENV:-}" ] && [ -w "${VENV}" ] && [ -f requirements/cpu.txt ] \
-   && [ -f scripts/setup_cpu_env.sh ] && [ -f scripts/cpu_torchvision_fix.py ]; then
-  cat requirements/cpu.txt scripts/setup_cpu_env.sh scripts/cpu_torchvision_fix.py \
-    | sha256sum | cut -d' ' -f1 > "$VENV/.requirements.sha256"
-fi
 
 if [ -n "${GRPO_IN_IMAGE:-}" ] && ! git rev-parse --git-dir >/dev/null 2>&1; then
   echo "entrypoint: warning: $(pwd) is not a git checkout: mount the repository there" \

@@ -191,6 +191,8 @@ def test_each_vendor_gets_its_own_runtime_settings():
     # every vendor the Makefile accepts has its stage, and nothing else
     vendors = re.search(r'CHECK_VENDOR\s+= case "\$\(VENDOR\)" in ([a-z|]+)\)', (REPO / "Makefile").read_text())
     assert vendors and set(vendors.group(1).split("|")) == {"rocm", "cuda", "cpu"}
+    run_sh = re.search(r'case "\$vendor" in\n(.*?)\nesac', (DOCKER_DIR / "run.sh").read_text(), re.S)
+    assert run_sh and set(re.findall(r"^  ([a-z]+)\)", run_sh.group(1), re.M)) == {"rocm", "cuda", "cpu"}
 
 
 def test_cpu_base_dockerfile_installs_the_cpu_stack_with_the_venv_fixups():
@@ -594,12 +596,21 @@ def test_make_image_from_source_uses_the_local_rocm_build():
     assert f"BASE_IMAGE={p['LOCAL_BASE_REPO']}:v{p['VLLM_VERSION']}-rocm-{p['ROCM_ARCH']}" in out
 
 
+def docker_run_argv(out: str) -> list[str]:
+    """The words of the `docker run …` line that `make -n` (docker/run.sh) printed."""
+    return shlex.split(next(ln for ln in out.splitlines() if ln.startswith("docker run")))
+
+
+def _contains(words: list[str], part: list[str]) -> bool:
+    return any(words[i:i + len(part)] == part for i in range(len(words)))
+
+
 def test_make_shell_rocm_flags():
     out = make_n("shell", "VENDOR=rocm")
     line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
     for flag in ROCM_FLAGS:
         assert flag in line, flag
-    assert f'-v "{REPO}":/workspace -w /workspace' in line
+    assert _contains(docker_run_argv(out), ["-v", f"{REPO}:/workspace", "-w", "/workspace"])
     assert ":/cache/huggingface" in line and "-e HF_HOME=/cache/huggingface" in line
     assert "--gpus" not in line and line.endswith("-it grpo-qwen-vl:vllm" + pins()["VLLM_VERSION"] + "-rocm bash")
     assert "docker/require_docker.sh --image" in out
@@ -619,10 +630,11 @@ def test_make_image_train_runs_make_train_inside_the_image():
         out = make_n("image-train", "RUN_ID=v1", f"VENDOR={vendor}", "PRESET=demo", "NPROC=8")
         line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
         assert flag in line
-        assert line.endswith(f"grpo-qwen-vl:vllm{pins()['VLLM_VERSION']}-{vendor} make train RUN_ID='v1' "
-                             "PRESET='demo' NPROC='8'"), line
+        image = f"grpo-qwen-vl:vllm{pins()['VLLM_VERSION']}-{vendor}"
+        # the command-line variables, sorted by name; VENDOR is docker/run.sh's own
+        assert docker_run_argv(out)[-6:] == [image, "make", "train", "NPROC=8", "PRESET=demo", "RUN_ID=v1"]
     repro = make_n("image-repro", "RUN_ID=v2")
-    assert re.search(r"-rocm make repro RUN_ID='v2'$", repro, re.M)
+    assert docker_run_argv(repro)[-3:] == ["make", "repro", "RUN_ID=v2"] and "-rocm" in docker_run_argv(repro)[-4]
 
 
 def test_pipeline_targets_run_in_the_cpu_image_with_in_image_on_a_cpu_host(tmp_path):
@@ -631,16 +643,18 @@ def test_pipeline_targets_run_in_the_cpu_image_with_in_image_on_a_cpu_host(tmp_p
     line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
     p = pins()
     image = f"{p['PROJECT_IMAGE_REPO']}:vllm{p['VLLM_CPU_VERSION']}-cpu"
-    assert line.endswith(f"{image} make repro RUN_ID='img' PRESET='demo'")
+    assert docker_run_argv(out)[-5:] == [image, "make", "repro", "PRESET=demo", "RUN_ID=img"]
     for gpu_flag in ("--gpus", "/dev/kfd", "seccomp", "HIP_VISIBLE_DEVICES", "memlock"):
         assert gpu_flag not in line, gpu_flag
-    assert f'-v "{REPO}":/workspace' in line
+    assert _contains(docker_run_argv(out), ["-v", f"{REPO}:/workspace"])
     assert "setup_cpu_env" not in out, "the CPU .venv is never built for an in-image run"
     assert 'stat -c %u "' in out, "the checkout's owner is checked before the container writes to it"
     # without IN_IMAGE, a CPU host runs natively
     assert "docker run" not in make_n("repro", "RUN_ID=img", "PRESET=demo", "VENDOR=cpu", env=cpu_host)
     bad = run(["make", "image", "VENDOR=intel"], env=_clean_env())
     assert bad.returncode == 2 and "VENDOR must be rocm (AMD MI300X), cuda (NVIDIA) or cpu" in bad.stderr
+    bad_run = run(["make", "-n", "repro", "RUN_ID=img", "IN_IMAGE=1", "VENDOR=intel"], env={**_clean_env(), **cpu_host})
+    assert bad_run.returncode == 2 and "VENDOR must be rocm (AMD MI300X), cuda (NVIDIA) or cpu" in bad_run.stderr
 
 
 def test_in_image_runs_stop_when_the_image_user_does_not_own_the_checkout(tmp_path):
@@ -655,12 +669,15 @@ def test_in_image_runs_stop_when_the_image_user_does_not_own_the_checkout(tmp_pa
     assert "docker run" not in result.stdout
 
 
-def _fake_gpu_host(tmp_path: Path, gpu: bool, image_built: bool) -> dict:
-    """PATH with a stand-in `docker` (answers `image inspect`) and, for a GPU host, `nvidia-smi`."""
+def _fake_gpu_host(tmp_path: Path, gpu: bool, image_built: bool, log: Path | None = None) -> dict:
+    """PATH with a stand-in `docker` (answers `image inspect`; logs its calls to `log`) and, for a GPU
+    host, `nvidia-smi`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     inspect_status = 0 if image_built else 1
-    (bin_dir / "docker").write_text(f"#!/bin/sh\n[ \"$1 $2\" = 'image inspect' ] && exit {inspect_status}\nexit 0\n")
+    record = f'echo "$*" >> "{log}"\n' if log else ""
+    (bin_dir / "docker").write_text(f"#!/bin/sh\n{record}[ \"$1 $2\" = 'image inspect' ] && exit {inspect_status}\n"
+                                    "exit 0\n")
     if gpu:
         (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
     for tool in bin_dir.iterdir():
@@ -678,8 +695,7 @@ def test_pipeline_targets_run_in_the_image_on_a_gpu_host_once_it_is_built(tmp_pa
     out = make_n(target, *args, env=gpu_host)
     line = next(ln for ln in out.splitlines() if ln.startswith("docker run"))
     assert "--gpus all" in line, "VENDOR defaults to cuda where nvidia-smi is found"
-    forwarded = " ".join(f"{a.split('=', 1)[0]}={shlex.quote(a.split('=', 1)[1])}" for a in args)
-    assert shlex.split(line)[-len(shlex.split(forwarded)) - 2:] == ["make", target, *shlex.split(forwarded)]
+    assert docker_run_argv(out)[-len(args) - 2:] == ["make", target, *sorted(args)]
     assert "setup_cpu_env" not in out, "the CPU .venv is not built on the GPU host"
     # natively with LOCAL=1 and inside the image (`setup` checks the environment there, never builds
     # the CPU .venv), and on a CPU machine (`setup` builds .venv)
@@ -693,8 +709,71 @@ def test_pipeline_targets_run_in_the_image_on_a_gpu_host_once_it_is_built(tmp_pa
     # a GPU host without the image stops with what to do, before installing or training anything
     no_image = {**_clean_env(), **_fake_gpu_host(tmp_path / "nobuild", gpu=True, image_built=False)}
     result = run(["make", "--no-print-directory", "-n", target, *args], env=no_image)
-    assert result.returncode == 2 and not result.stdout, result.stdout
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert [ln.split()[:2] for ln in result.stdout.splitlines()] == [["bash", "docker/run.sh"]], result.stdout
     assert "run `make image`" in result.stderr and "LOCAL=1" in result.stderr
+
+
+@pytest.mark.parametrize("local, in_image, grpo_in_image, gpu, built, where", [
+    ("", "", "", False, False, "native"),     # a CPU machine
+    ("", "1", "", False, True, "image"),      # IN_IMAGE=1 asks for the image anywhere
+    ("", "1", "", False, False, "image"),     # ... and require_docker.sh says when it is missing
+    ("", "", "", True, True, "image"),        # a GPU host with the image
+    ("", "", "", True, False, "missing"),     # a GPU host without it: stop
+    ("1", "", "", True, False, "native"),     # LOCAL=1
+    ("1", "1", "", True, True, "native"),     # LOCAL=1 wins over IN_IMAGE=1
+    ("", "1", "1", True, True, "native"),     # inside the image: no recursion
+])
+def test_run_sh_decides_where_a_target_runs(tmp_path, local, in_image, grpo_in_image, gpu, built, where):
+    """docker/run.sh's routing, at run time: natively it runs `make _TARGET` (a stand-in make
+    records it), in the image it prints (make -n) the docker command, on a GPU host without the
+    image it stops."""
+    if Path("/dev/kfd").exists():
+        pytest.skip("an AMD GPU host: the routing is checked with a stand-in nvidia-smi on CPU machines")
+    fake_make = tmp_path / "fake-make"
+    fake_make.write_text('#!/bin/sh\necho native-make "$@"\n')
+    fake_make.chmod(0o755)
+    env = {**_clean_env(), **_fake_gpu_host(tmp_path, gpu=gpu, image_built=built),
+           "LOCAL": local, "IN_IMAGE": in_image, "GRPO_IN_IMAGE": grpo_in_image,
+           "MAKE": str(fake_make), "MAKEFLAGS": "n -- RUN_ID=v1"}
+    result = run(["bash", "docker/run.sh", "--vendor", "cuda", "--image", "grpo-qwen-vl:x", "--uid", "1000", "train"],
+                 env=env)
+    if where == "native":
+        assert result.returncode == 0 and result.stdout == "native-make --no-print-directory _train\n", result
+    elif where == "image":
+        assert result.returncode == 0, result.stderr
+        assert docker_run_argv(result.stdout)[-4:] == ["grpo-qwen-vl:x", "make", "train", "RUN_ID=v1"]
+    else:
+        assert result.returncode == 2 and not result.stdout
+        assert "is not built" in result.stderr and "LOCAL=1" in result.stderr
+
+
+def test_every_command_line_variable_reaches_the_image_as_given(tmp_path):
+    """No list of forwarded names: whatever is given on the command line (any name, spaces, quotes,
+    backslashes, dollars) reaches `make` in the image unchanged, except docker/run.sh's own knobs."""
+    cpu_host = _fake_gpu_host(tmp_path, gpu=False, image_built=True)
+    given = ["PROMPT=What's shown? a\\b $HOME", "CONFIGS=B-tuned@2,B-server", "ARGS=--steps 5 --out=x.json",
+             "SOMETHING_NEW=1", "IMAGES=imgs"]
+    out = make_n("infer", *given, "IN_IMAGE=1", "VENDOR=cpu", "GPUS=0", "SHM_SIZE=8g", "HF_HOME=/host/hf", env=cpu_host)
+    assert docker_run_argv(out)[-len(given) - 2:] == ["make", "infer", *sorted(given)]
+    assert "--shm-size 8g" in out and _contains(docker_run_argv(out), ["-v", "/host/hf:/cache/huggingface"])
+    # the same through a second make (image-train): make's order of the variables differs there
+    nested = make_n("image-train", "RUN_ID=v1", "NPROC=8", "PRESET=demo", "VENDOR=cpu", env=cpu_host)
+    assert docker_run_argv(nested)[-5:] == ["make", "train", "NPROC=8", "PRESET=demo", "RUN_ID=v1"]
+
+
+def test_make_calls_docker_only_when_a_target_runs_in_the_image(tmp_path):
+    """No docker call while make reads the Makefile: on a GPU host with a recording docker stand-in,
+    native targets (and LOCAL=1 runs) never call docker; a pipeline target asks it at run time."""
+    if Path("/dev/kfd").exists():
+        pytest.skip("an AMD GPU host: checked with a stand-in nvidia-smi on CPU machines")
+    log = tmp_path / "docker.log"
+    gpu_host = _fake_gpu_host(tmp_path, gpu=True, image_built=True, log=log)
+    for args in (["help"], ["check"], ["setup"], ["train", "RUN_ID=v1", "LOCAL=1"], ["compare"]):
+        make_n(*args, env=gpu_host)
+    assert not log.exists(), log.read_text()
+    make_n("train", "RUN_ID=v1", env=gpu_host)
+    assert log.read_text().startswith("image inspect grpo-qwen-vl:")
 
 
 def test_env_file_is_passed_only_at_run_time_and_only_when_present(tmp_path):
@@ -869,13 +948,15 @@ def test_build_script_refuses_bad_requests(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_entrypoint_marks_the_image_env_current_for_make_setup(tmp_path):
-    """In the image, `make train` depends on `setup`; the entrypoint's stamp must be exactly what
-    scripts/setup_cpu_env.sh accepts, or setup would try to build the CPU stack inside the image."""
+def test_entrypoint_writes_nothing_and_setup_checks_the_image_env(tmp_path):
+    """In the image, `make train` depends on `setup`: with GRPO_IN_IMAGE (set by the image) it checks
+    that the image's python imports the project's packages and never builds the CPU .venv, so the
+    entrypoint needs no setup stamp; it only warns about differing GPU lists."""
     venv = tmp_path / "env"
-    venv.mkdir()
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
     env = {
-        **os.environ,
+        **_clean_env(),
         "VENV": str(venv),
         "GRPO_GPU_VENDOR": "rocm",
         "HIP_VISIBLE_DEVICES": "0",
@@ -884,7 +965,8 @@ def test_entrypoint_marks_the_image_env_current_for_make_setup(tmp_path):
     result = run(["bash", "docker/entrypoint.sh", "true"], env=env)
     assert result.returncode == 0, result.stderr
     assert "differ" in result.stderr
-    assert (venv / ".requirements.sha256").exists()
-    setup = run(["bash", "scripts/setup_cpu_env.sh"], env={**env, "PYTHON": "/nonexistent/python"})
-    assert setup.returncode == 0, setup.stdout + setup.stderr
-    assert "is up to date" in setup.stdout
+    assert sorted(p.name for p in venv.iterdir()) == ["bin"], "the entrypoint wrote into the environment"
+    assert "requirements.sha256" not in (DOCKER_DIR / "entrypoint.sh").read_text()
+    setup = make_n("setup", env={**env, "GRPO_IN_IMAGE": "1"})
+    assert f'{venv}/bin/python -c "import trl, peft, datasets, dvc, pipeline.params"' in setup
+    assert "setup_cpu_env" not in setup
