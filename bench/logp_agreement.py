@@ -111,7 +111,7 @@ def build_trainer(model_dir: Path, args, gpu: bool):
     params = parse_params(apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), overrides, "diag"))
     if args.vllm and not gpu:
         modeling.cpu_vllm_environment()
-        compat.use_fp32_vllm_on_cpu()
+    compat.apply("engine", on_gpu=gpu, use_vllm=args.vllm)  # as the train stage does
     processor = modeling.load_processor(str(model_dir))
     model = modeling.load_model(str(model_dir), dtype=params.model.dtype)
     scale = peak_output(model, args.logit_std)
@@ -120,7 +120,7 @@ def build_trainer(model_dir: Path, args, gpu: bool):
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "x"}]]})
     trainer = GRPOTrainer(model=model, reward_funcs=[_zero_reward], args=config, train_dataset=dataset,
                           processing_class=processor, peft_config=build_lora_config(params))
-    compat.patch_vllm_colocate(trainer, on_gpu=gpu)
+    compat.apply("trainer", on_gpu=gpu, trainer=trainer)
     trainer.model.train()  # TRL picks "train" mode (num_generations, micro-batch size) from this
     return trainer, processor, scale
 

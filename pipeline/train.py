@@ -2,7 +2,8 @@
 
 `build_grpo_config` and `build_lora_config` are the one place where params become library
 configuration. Rollouts come from vLLM (colocate or server) when it is installed, else from
-transformers `generate`; library workarounds live in pipeline/compat.py. The stage resumes from
+transformers `generate`; library workarounds are entries of `compat.WORKAROUNDS`, applied at
+four points by `compat.apply`. The stage resumes from
 the last complete checkpoint under outputs/<run_id>/checkpoints after a crash.
 """
 
@@ -12,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import logs
+from pipeline import callbacks, logs
+from pipeline.callbacks import RolloutMismatch, TrainingDiverged, is_main_process
 from pipeline.modeling import cpu_vllm_environment, on_gpu, vllm_installed
-from pipeline.params import Params, Reports, load_params_or_exit
+from pipeline.params import Params, load_params_or_exit
 
 logger = logging.getLogger("pipeline.train")
 
@@ -32,8 +33,6 @@ logger = logging.getLogger("pipeline.train")
 LANGUAGE_MODEL_PATTERN = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.({modules})"
 
 
-# Logged values that measure time: kept out of every DVC-tracked output (see `_dvclive`).
-WALL_CLOCK = re.compile(r"runtime|per_second|^time/|step_time")
 
 
 def lora_target_regex(modules: list[str]) -> str:
@@ -83,10 +82,11 @@ def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: l
     from trl import GRPOConfig
 
     train = params.train
-    generation_kwargs = {}
-    if use_vllm and vision_token_ids:
-        # a sampled vision token breaks the next forward pass; TRL suppresses them for transformers only
-        generation_kwargs["logit_bias"] = {token: -100.0 for token in vision_token_ids}
+    from pipeline import compat
+
+    generation_kwargs: dict = {}
+    compat.apply("config", on_gpu=gpu, use_vllm=use_vllm, vision_token_ids=vision_token_ids,
+                 generation_kwargs=generation_kwargs)
     # the project's choices where params.yaml is silent (a `train:` key of the same name wins) …
     chosen = {
         "save_strategy": "steps", "num_completions_to_print": 2, "dataloader_num_workers": 0, "disable_tqdm": False,
@@ -161,11 +161,6 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> str | None
     return last_complete_checkpoint(checkpoint_dir)
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a launched job (or the only process): it alone writes shared files."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 class RewardFunctionError(RuntimeError):
     pass
 
@@ -182,123 +177,6 @@ def guarded(func):
             raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
 
     return wrapper
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-class RolloutMismatch(RuntimeError):
-    """vLLM sampled from one context and the trainer scores another (docs/training.md, "Rollouts that match
-    the policy")."""
-
-
-_IMPORTED_AT = time.perf_counter()  # ≈ process start: the trainer's start-up time is measured from here
-
-
-def _callbacks(train=None):
-    from transformers import TrainerCallback
-
-    class ProgressLog(TrainerCallback):
-        """Step time and rollout throughput in the log; stop on a NaN/inf loss before it is saved, and
-        when vLLM's and the trainer's log-probs disagree for train.max_logp_difference_steps logs running."""
-
-        def __init__(self):
-            self._last = (time.perf_counter(), 0.0)
-            self._max_logp = (getattr(train, "max_logp_difference", None),
-                              getattr(train, "max_logp_difference_steps", 1))
-            self._logp_high: list[tuple[int, float]] = []
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            loss = float(logs["loss"])
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss} at step {state.global_step}: lower train.learning_rate or "
-                                       "check the rewards; the last good checkpoint is kept")
-            difference, (limit, steps) = logs.get("sampling/sampling_logp_difference/mean"), self._max_logp
-            if difference is not None and limit is not None:
-                high = float(difference) > limit or not math.isfinite(float(difference))
-                self._logp_high = [*self._logp_high, (state.global_step, float(difference))] if high else []
-                if len(self._logp_high) >= steps:
-                    seen = ", ".join(f"{d:.3f} (step {s})" for s, d in self._logp_high[-steps:])
-                    raise RolloutMismatch(
-                        f"vLLM's and the trainer's log-probabilities differ by {seen}, above "
-                        f"train.max_logp_difference {limit} for {steps} logged steps in a row: the trainer scores "
-                        "completions on inputs vLLM did not sample them from (docs/training.md, 'Rollouts that "
-                        "match the policy'); the last good checkpoint is kept")
-            if not is_main_process():  # every rank checks the guards above; one prints the line
-                return
-            now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
-            elapsed = now - self._last[0]
-            rate = (tokens - self._last[1]) / elapsed if elapsed > 0 else 0.0
-            self._last = (now, tokens)
-            logger.info("step %d/%d  loss %.4f  reward %.3f  step time %.2f s  %.0f tokens/s",
-                        state.global_step, state.max_steps, loss, float(logs.get("reward", float("nan"))),
-                        float(logs.get("step_time", elapsed)), rate)
-
-    return [ProgressLog()]
-
-
-def _phase_times(trainer):
-    """Each optimizer step's time per phase (`time/vLLM.generate`, `time/sync_weights`,
-    `time/_prepare_inputs` = rollout + rewards, …) and `time/startup`, logged like TRL's own metrics
-    (averaged per logging interval), so W&B, DVC plots and log_history.json show where a step goes."""
-    from transformers import TrainerCallback
-
-    from pipeline import compat
-
-    seconds = compat.capture_trl_phase_times()
-    metrics = trainer._metrics["train"]  # TRL's per-interval metrics: GRPOTrainer.log averages them
-
-    class PhaseTimes(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            seconds.clear()
-            metrics["time/startup"].append(time.perf_counter() - _IMPORTED_AT)
-            logger.info("trainer ready %.1f s after start (model load, vLLM engine)", metrics["time/startup"][-1])
-
-        def on_step_end(self, args, state, control, **kwargs):
-            for phase, total in seconds.items():
-                metrics[f"time/{phase}"].append(total)
-            seconds.clear()
-
-    return PhaseTimes()
-
-
-def _dvclive(live_dir: Path, resume: bool):
-    """DVC plots through dvclive, configured so it never rewrites dvc.yaml (STACK.md). The training
-    curves and their last values go to `reports/train/` (Reports.train_curves), the stage's plots and
-    metrics, hashed in dvc.lock and committed with each experiment, so they hold no wall-clock value
-    (two identical runs must hash alike) nor the run's arguments; step and phase times go to the
-    run's log folder (`live_dir`)."""
-    if not is_main_process():
-        return [], []
-    live_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        from dvclive import Live
-        from dvclive.huggingface import DVCLiveCallback
-    except ImportError:  # minimal environments (e.g. the GPU benchmark's); the container has it
-        logger.warning("dvclive is not installed: no DVC plots for this run")
-        return [], []
-
-    class Selected(DVCLiveCallback):
-        def __init__(self, live, timings: bool):
-            super().__init__(live=live, log_model=None)
-            self._timings = timings
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if self._timings:  # the arguments (paths, a dated logging_dir) stay out of the reports
-                super().on_train_begin(args, state, control, **kwargs)
-
-        def on_log(self, args, state, control, **kwargs):
-            logs = {key: value for key, value in (kwargs.pop("logs", None) or {}).items()
-                    if bool(WALL_CLOCK.search(key)) == self._timings}
-            if logs:
-                super().on_log(args, state, control, logs=logs, **kwargs)
-
-    lives = [Live(dir=str(folder), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
-             for folder in (Reports.train_curves, live_dir)]
-    return lives, [Selected(lives[0], timings=False), Selected(lives[1], timings=True)]
 
 
 def train(params: Params) -> Path:
@@ -319,18 +197,18 @@ def train(params: Params) -> Path:
         logger.warning("vLLM is not installed: rollouts use transformers generate (slower)")
     if use_vllm and not gpu:
         cpu_vllm_environment()
-        compat.use_fp32_vllm_on_cpu()
         if params.train.vllm_enable_sleep_mode:
             logger.info("vLLM sleep mode is a GPU feature: running without it on this CPU machine")
     adapter_only = use_vllm and params.train.vllm_weight_sync == "adapter"
     if adapter_only:
         adapter_sync.enable_lora_in_engine(params.lora.r, params.lora.target_modules)
+    compat.apply("engine", on_gpu=gpu, use_vllm=use_vllm)
 
     reward_funcs, reward_weights = resolve_rewards(params.rewards)
     reward_funcs = [guarded(func) for func in reward_funcs]
     resume = prepare_checkpoint_dir(dirs["checkpoints"], run_fingerprint(params, train_file))
     processor = modeling.load_processor(params.model.name_or_path, params.model.revision)
-    compat.left_pad_for_grpo(processor)  # TRL aligns image markers with left-padded prompts only (trl#5785)
+    compat.apply("processor", on_gpu=gpu, processor=processor)
     started = time.perf_counter()
     model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
                                 params.model.attn_implementation)
@@ -341,7 +219,7 @@ def train(params: Params) -> Path:
     config = build_grpo_config(params, gpu=gpu, use_vllm=use_vllm, report_to=report_to,
                                reward_weights=reward_weights,
                                vision_token_ids=modeling.vision_token_ids(processor.tokenizer))
-    lives, plot_callbacks = _dvclive(dirs["live"], resume is not None)
+    lives, plot_callbacks = callbacks.dvclive(dirs["live"], resume is not None)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
@@ -349,16 +227,14 @@ def train(params: Params) -> Path:
         train_dataset=dataset,
         processing_class=processor,
         peft_config=build_lora_config(params),
-        callbacks=[*plot_callbacks, *_callbacks(params.train)],
+        callbacks=[*plot_callbacks, *callbacks.progress_and_guards(params.train)],
     )
     logger.info("trainer ready in %.1f s (the colocated vLLM engine's start included)", time.perf_counter() - started)
-    compat.patch_vllm_colocate(trainer, on_gpu=gpu, reload_merged_weights=not adapter_only)
+    compat.apply("trainer", on_gpu=gpu, trainer=trainer, adapter_only=adapter_only,
+                 wandb_completions=params.train.log_completions and "wandb" in report_to)
     policy_adapter = adapter_sync.attach(trainer) if adapter_only else None
     on_policy.reuse_loss_forward(trainer)
-    compat.keep_frozen_vision_out_of_backward(trainer.model)
-    trainer.add_callback(_phase_times(trainer))
-    if params.train.log_completions and "wandb" in report_to:
-        compat.patch_completions_table()
+    trainer.add_callback(callbacks.phase_times(trainer))
 
     if resume:
         logger.info("resuming from %s", resume)

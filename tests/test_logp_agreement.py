@@ -95,19 +95,21 @@ def test_trl_still_needs_a_left_padding_processor(diag, trainers):
 def test_train_stage_pads_the_processor_on_the_left():
     from pipeline import compat, modeling, train
 
-    assert "compat.left_pad_for_grpo(processor)" in inspect.getsource(train.train)
+    assert 'compat.apply("processor", on_gpu=gpu, processor=processor)' in inspect.getsource(train.train)
     processor = modeling.build_processor("qwen2_5_vl", modeling.build_tokenizer())
+    assert compat.apply("processor", on_gpu=False, processor=modeling.build_processor(
+        "qwen2_5_vl", modeling.build_tokenizer())) == ["pad prompts on the left for GRPO scoring"]
     assert processor.tokenizer.padding_side == "right"
     assert compat.left_pad_for_grpo(processor) and processor.tokenizer.padding_side == "left"
     assert not compat.left_pad_for_grpo(processor)  # idempotent
 
 
 def _progress_log(**train_overrides):
+    from pipeline.callbacks import progress_and_guards
     from pipeline.params import parse_params
-    from pipeline.train import _callbacks
 
     overrides = {f"train__{key}": value for key, value in train_overrides.items()}
-    return _callbacks(parse_params(demo_params("guard", **overrides)).train)[0]
+    return progress_and_guards(parse_params(demo_params("guard", **overrides)).train)[0]
 
 
 def _log(callback, step: int, difference: float | None):
@@ -120,7 +122,7 @@ def _log(callback, step: int, difference: float | None):
 
 
 def test_guard_stops_a_run_whose_logp_difference_stays_high():
-    from pipeline.train import RolloutMismatch
+    from pipeline.callbacks import RolloutMismatch
 
     callback = _progress_log(max_logp_difference=0.3, max_logp_difference_steps=3)
     for step, value in enumerate([0.7, 0.06, 0.65, 0.7, 0.05, None, 0.9, 0.8], start=1):

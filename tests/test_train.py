@@ -238,7 +238,7 @@ def _assert_phase_split(ws, run_id: str) -> None:
 def test_double_image_expansion_workaround_is_still_needed(workspace):
     """Fails once TRL stops expanding image placeholders twice: then drop compat.collapse_image_pads."""
     ws = workspace("nofix", train__max_steps=1)
-    result = _run_with(ws, "from pipeline import compat; compat.needs_image_pad_collapse = lambda trl=None: False")
+    result = _run_with(ws, _without("_collapse_image_pads_before_vllm"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert _metric_series(ws, "sampling/sampling_logp_difference/mean")[0] > 0.1
 
@@ -382,3 +382,32 @@ def test_the_documented_multinode_recipe_parses_and_agrees_with_the_stage():
         assert (REPO / args.config_file).is_file() and args.module and args.training_script == "pipeline.train"
         assert args.num_machines == 2 and args.machine_rank == rank < args.num_machines
         assert args.num_processes == 8 * args.num_machines and args.main_process_port == 29500
+
+
+def _without(fix_name: str) -> str:
+    """A line for `_run_with`: the train stage without one workaround of compat.WORKAROUNDS."""
+    return (f"from pipeline import compat; compat.WORKAROUNDS = [w for w in compat.WORKAROUNDS "
+            f"if getattr(w.fix, '__name__', '') != {fix_name!r}]")
+
+
+def test_vllm_on_cpu_without_a_dtype_samples_from_another_policy(workspace):
+    """Fails once TRL gives its colocated engine the model's dtype (or vLLM's CPU backend keeps
+    float32): then drop the entry "vLLM on CPU computes in float32". Before any update the two
+    policies are the same weights: ~5e-5 apart in float32 on both sides, ~3e-3 with vLLM in bfloat16."""
+    common = dict(train__max_steps=1, train__log_completions=False)
+    fixed = workspace("fp32", **common)
+    assert fixed.run("pipeline.train").returncode == 0
+    unfixed = workspace("bf16", **common)
+    result = _run_with(unfixed, _without("use_fp32_vllm_on_cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _metric_series(fixed, "sampling/sampling_logp_difference/mean")[0] < 5e-4
+    assert _metric_series(unfixed, "sampling/sampling_logp_difference/mean")[0] > 5e-4
+
+
+def test_trls_per_tensor_weight_load_fails_on_vllm_cpu(workspace):
+    """Fails once TRL's own weight sync works on vLLM's CPU backend: then drop the entry "full
+    weight reload on vLLM's CPU backend"."""
+    ws = workspace("tensorwise", train__max_steps=2, train__log_completions=False)
+    result = _run_with(ws, _without("_full_weight_reload_on_cpu"))
+    assert result.returncode != 0
+    assert "weight_loader" in result.stderr, result.stderr[-3000:]
