@@ -133,59 +133,33 @@ def generate_both(params: Params, conversations, images, adapter_dir: Path) -> t
 
     `evaluate.backend: auto` uses vLLM when it is installed and falls back to transformers, saying
     why, when vLLM cannot start or cannot load the adapter; `vllm` makes either of those an error."""
-    from pipeline.generation import BackendUnavailable, select_backend
+    from pipeline import generation
 
     requested = params.evaluate.backend
     try:
-        backend = select_backend(requested)
-    except BackendUnavailable as error:
+        backend = generation.select_backend(requested)
+    except generation.BackendUnavailable as error:
         raise SystemExit(f"evaluate: error: evaluate.backend: {error}") from None
     logger.info("generation backend: %s (evaluate.backend: %s)", backend, requested)
-    if backend == "vllm":
-        try:
-            return backend, _generate_vllm(params, conversations, images, adapter_dir)
-        except BackendUnavailable as error:
-            if requested == "vllm":
-                raise SystemExit(f"evaluate: error: {error} (evaluate.backend: vllm; "
-                                 "set it to auto or transformers to use transformers generate)") from None
-            logger.warning("%s; evaluating with transformers generate instead (evaluate.backend: auto)", error)
-            backend = "transformers"
-    return backend, _generate_transformers(params, conversations, images, adapter_dir)
-
-
-def _generate_vllm(params: Params, conversations, images, adapter_dir: Path) -> dict[str, list]:
-    """One engine: the base model without a LoRA request, then the adapter with one."""
-    from pipeline.generation import VllmGenerator
-
-    options = dict(max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature)
-    with VllmGenerator(params.model.name_or_path, revision=params.model.revision, dtype=params.model.dtype,
-                       max_model_len=params.model.max_model_len, seed=params.seed,
-                       adapters=[adapter_dir]) as engine:
-        engine.load_adapter(adapter_dir)  # before any answer: a failure here can still fall back whole
-        return {"base": engine.generate(conversations, images, desc="eval base", **options),
-                "adapter": engine.generate(conversations, images, adapter=adapter_dir, desc="eval adapter",
-                                           **options)}
-
-
-def _generate_transformers(params: Params, conversations, images, adapter_dir: Path) -> dict[str, list]:
-    import torch
-    from peft import PeftModel
-
-    from pipeline import modeling
-    from pipeline.generation import generate_batched
-
-    processor = modeling.load_processor(params.model.name_or_path, params.model.revision)
-    model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
-                                params.model.attn_implementation)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    options = dict(max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature,
-                   batch_size=params.evaluate.batch_size)
-    generations = {"base": generate_batched(model, processor, conversations, images, desc="eval base", **options)}
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
-    generations["adapter"] = generate_batched(model, processor, conversations, images, desc="eval adapter",
-                                              **options)
-    return generations
+    model, evaluation = params.model, params.evaluate
+    settings = generation.Settings(
+        revision=model.revision, dtype=model.dtype, attn_implementation=model.attn_implementation,
+        max_model_len=model.max_model_len, seed=params.seed, max_new_tokens=evaluation.max_new_tokens,
+        temperature=evaluation.temperature, batch_size=evaluation.batch_size)
+    requests = {name: generation.Request(adapter, f"eval {name}", lambda: (conversations, images))
+                for name, adapter in (("base", None), ("adapter", adapter_dir))}
+    names = {id(request): name for name, request in requests.items()}
+    generations, backends = {}, set()
+    for served in generation.serve(model.name_or_path, list(requests.values()), settings, backend=backend,
+                                   strict=requested == "vllm", together=True):
+        if isinstance(served.error, generation.BackendUnavailable):
+            raise SystemExit(f"evaluate: error: {served.error} (evaluate.backend: vllm; "
+                             "set it to auto or transformers to use transformers generate)")
+        if served.error is not None:
+            raise served.error
+        generations[names[id(served.request)]] = served.generations
+        backends.add(served.backend)
+    return backends.pop(), generations
 
 
 def _write_predictions(path: Path, rows, generations, scored, backend: str) -> None:

@@ -1,41 +1,39 @@
 """Batched generation shared by evaluation and the inference CLI: vLLM, or transformers `generate`.
 
-Both backends return the same `Generation` records:
+Both backends take the same calls (`load_adapter`, `generate(..., adapter=...)`) and return the
+same `Generation` records:
 
-- `VllmGenerator`: one `vllm.LLM` engine per base model, built with LoRA enabled, serves the base
-  model (no LoRA request) and each adapter (a `LoRARequest`, one resident at a time). A whole list
-  of prompts goes to the engine at once and vLLM schedules the batches itself.
-- `generate_batched`: transformers `generate`, `batch_size` prompts at a time, on the model it is
-  given (a peft model for an adapter).
+- `VllmGenerator` (pipeline/vllm_generator.py): one `vllm.LLM` engine per base model, built with
+  LoRA enabled, serves the base model (no LoRA request) and each adapter (a `LoRARequest`, one
+  resident at a time). A whole list of prompts goes to the engine at once and vLLM schedules the
+  batches itself.
+- `TransformersGenerator`: the base model loaded once (on the GPU when there is one), each adapter
+  attached with peft in turn; `generate_batched` runs `batch_size` prompts per `generate` call.
 
 `select_backend` turns `evaluate.backend` (or the CLI's `--backend`) into one of them: `auto` is
-vLLM when it is installed. The two see the same inputs: the prompt is rendered by the processor's
-chat template in both, images are sized by the same saved processor config (vLLM loads the
-processor from the same folder and revision, so a prompt has the same number of image tokens in
-both), an answer ends at the same tokens and is decoded by the same tokenizer call. On the same
-weights greedy answers then agree up to numerics (on CPU both compute in float32).
+vLLM when it is installed. `serve` is the one place the vLLM → transformers fallback is decided
+(evaluation and the inference CLI both go through it). The two see the same inputs: the prompt is
+rendered by the processor's chat template in both, images are sized by the same saved processor
+config (vLLM loads the processor from the same folder and revision, so a prompt has the same
+number of image tokens in both), an answer ends at the same tokens and is decoded by the same
+tokenizer call. On the same weights greedy answers then agree up to numerics (on CPU both compute
+in float32).
 
 One bad row costs one answer (reported as an error, counted as failed), not the whole evaluation:
 vLLM takes the requests one at a time, so a row it refuses fails alone, and a batch that fails
 while generating (either backend) is retried row by row.
 """
-
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "vllm", "transformers")
-# Share of GPU memory the evaluation/inference engine may take: it has the GPU to itself (the
-# transformers model is not loaded next to it), with headroom for the CUDA context and processor.
-GPU_MEMORY_UTILIZATION = 0.85
 
 
 @dataclass
@@ -49,6 +47,10 @@ class Generation:
 
 class BackendUnavailable(RuntimeError):
     """vLLM cannot serve this model or adapter here; the message says why."""
+
+
+class BaseModelUnavailable(RuntimeError):
+    """The base model itself cannot be loaded (by either backend); the cause is chained."""
 
 
 def select_backend(requested: str) -> str:
@@ -66,7 +68,7 @@ def select_backend(requested: str) -> str:
     return "transformers"
 
 
-def _chat_texts(processor, conversations: Sequence[list[dict]]) -> list[str]:
+def chat_texts(processor, conversations: Sequence[list[dict]]) -> list[str]:
     from trl.data_utils import prepare_multimodal_messages
 
     texts = []
@@ -79,12 +81,12 @@ def _chat_texts(processor, conversations: Sequence[list[dict]]) -> list[str]:
     return texts
 
 
-def _stop_token_ids(tokenizer) -> set[int]:
+def stop_token_ids(tokenizer) -> set[int]:
     """An answer ends at the end-of-turn token or at padding, whichever comes first, in both backends."""
     return {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
 
 
-def _log_throughput(desc: str, backend: str, results: Sequence[Generation], elapsed: float) -> None:
+def log_throughput(desc: str, backend: str, results: Sequence[Generation], elapsed: float) -> None:
     tokens = sum(r.num_tokens for r in results)
     failed = sum(r.text is None for r in results)
     logger.info("%s [%s]: %d rows, %d tokens in %.1f s (%.2f rows/s, %.1f tokens/s)%s", desc, backend, len(results),
@@ -92,7 +94,7 @@ def _log_throughput(desc: str, backend: str, results: Sequence[Generation], elap
                 f"; {failed} failed" if failed else "")
 
 
-def _error_text(error: BaseException) -> str:
+def error_text(error: BaseException) -> str:
     """`Type: first line`, and the root cause's when there is one (vLLM wraps processor errors)."""
     def one(e: BaseException) -> str:
         lines = str(e).strip().splitlines()
@@ -120,7 +122,7 @@ def _generate(model, processor, texts, images, max_new_tokens, temperature) -> l
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
     results = []
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     for row, prompt_length in zip(new_tokens.tolist(), prompt_lengths, strict=True):
         length = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
         text = tokenizer.decode(row[:length], skip_special_tokens=True)
@@ -135,7 +137,7 @@ def generate_batched(model, processor, conversations: Sequence[list[dict]], imag
     """transformers `generate`, `batch_size` rows per call; a failing batch is retried row by row."""
     from tqdm.auto import tqdm
 
-    texts = _chat_texts(processor, conversations)
+    texts = chat_texts(processor, conversations)
     results: list[Generation] = []
     started = time.perf_counter()
     with tqdm(total=len(texts), desc=desc, unit="row") as bar:
@@ -150,221 +152,193 @@ def generate_batched(model, processor, conversations: Sequence[list[dict]], imag
                     try:
                         results += _generate(model, processor, [text], [image], max_new_tokens, temperature)
                     except Exception as row_error:  # noqa: BLE001
-                        results.append(Generation(text=None, error=_error_text(row_error)))
+                        results.append(Generation(text=None, error=error_text(row_error)))
             bar.update(len(chunk_texts))
-    _log_throughput(desc, "transformers", results, time.perf_counter() - started)
+    log_throughput(desc, "transformers", results, time.perf_counter() - started)
     return results
 
 
-# ---------------------------------------------------------------------------------------------
-# vLLM
-# ---------------------------------------------------------------------------------------------
-def adapter_rank(adapter: str | Path) -> int:
-    """The largest LoRA rank in an adapter folder (its `r`, or a larger one in `rank_pattern`)."""
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    return max([int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+class TransformersGenerator:
+    """transformers `generate` behind the calls of `VllmGenerator`: the base model is loaded once
+    (and moved to the GPU when there is one), an adapter is attached to it with peft when a generate
+    call names one, one adapter resident at a time (the next is loaded, then the previous deleted, so
+    memory stays flat). Raises what `modeling.load_model` raises when the base model is unavailable."""
 
+    def __init__(self, model: str, *, revision: str = "main", dtype: str = "auto",
+                 attn_implementation: str = "sdpa", batch_size: int = 8):
+        import torch
 
-def max_lora_rank(adapters: Sequence[str | Path]) -> int:
-    """The smallest `max_lora_rank` vLLM accepts that fits every adapter (vLLM allows a fixed set)."""
-    from typing import get_args
-
-    from vllm.config.lora import MaxLoRARanks
-
-    ranks = []
-    for adapter in adapters:
-        try:
-            ranks.append(adapter_rank(adapter))
-        except (OSError, ValueError, TypeError):  # unreadable: `load_adapter` reports it for that adapter
-            continue
-    needed = max(ranks, default=1)
-    allowed = sorted(get_args(MaxLoRARanks))
-    fitting = [rank for rank in allowed if rank >= needed]
-    if not fitting:
-        raise BackendUnavailable(f"LoRA rank {needed} is above vLLM's largest max_lora_rank ({allowed[-1]})")
-    return fitting[0]
-
-
-def lora_target_modules(adapters: Sequence[str | Path]) -> list[str] | None:
-    """The layers any of `adapters` changes, for vLLM's `lora_target_modules`: without it vLLM runs
-    LoRA kernels on every linear layer it supports (zero weights in most) at each decoded token.
-    None (no restriction) when an adapter names its layers by a pattern or cannot be read."""
-    names: set[str] = set()
-    for adapter in adapters:
-        try:
-            targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules")
-        except (OSError, ValueError):
-            return None
-        if not isinstance(targets, list) or not targets:  # a regex or "all-linear"
-            return None
-        names.update(targets)
-    return sorted(names) or None
-
-
-def _fit_context(model: str, revision: str, max_model_len: int) -> int:
-    """params' max_model_len, capped at the checkpoint's own context: vLLM refuses a longer one, and
-    the inference CLI serves registered runs whose base models may differ from params.yaml's."""
-    from transformers import AutoConfig
-
-    text_config = AutoConfig.from_pretrained(model, revision=revision).get_text_config()
-    limit = getattr(text_config, "max_position_embeddings", None)
-    if limit and limit < max_model_len:
-        logger.info("vLLM context %d (the model's max_position_embeddings) instead of %d", limit, max_model_len)
-        return limit
-    return max_model_len
-
-
-class VllmGenerator:
-    """One vLLM engine for a base model; serves the base and any number of LoRA adapters.
-
-        with VllmGenerator(model, max_model_len=..., seed=..., adapters=[a, b]) as engine:
-            engine.load_adapter(a)                       # fails here, alone, if vLLM cannot load it
-            base = engine.generate(conversations, images, max_new_tokens=64)
-            tuned = engine.generate(conversations, images, max_new_tokens=64, adapter=a)
-
-    `adapters` sizes the engine's LoRA slots (`max_lora_rank`); one adapter is resident at a time
-    (`max_loras=1`: each generate call uses one). On CPU the engine runs in this process, in
-    float32, with the environment of `modeling.cpu_vllm_environment`. `close()` (or leaving the
-    `with` block) shuts it down: left to the garbage collector, vLLM's teardown at exit can abort
-    the process (see `compat.shutdown_llm`).
-    """
-
-    def __init__(self, model: str, *, revision: str = "main", dtype: str = "auto", max_model_len: int,
-                 seed: int = 0, adapters: Sequence[str | Path] = (),
-                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION):
         from pipeline import modeling
 
-        gpu = modeling.on_gpu()
-        if not gpu:
-            modeling.cpu_vllm_environment()
-        else:
-            # vLLM runs its engine core in a child process; forked after this process touched CUDA, it
-            # fails ("Cannot re-initialize CUDA in forked subprocess", seen on the H100)
-            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        # the chat template and tokenizer of the transformers path; raises ModelNotAvailableError
         self.processor = modeling.load_processor(model, revision)
-        max_model_len = _fit_context(model, revision, max_model_len)
-        self.model = model
-        self._lora_ids: dict[str, int] = {}
-        options = dict(model=model, revision=revision, tokenizer_revision=revision, dtype=modeling.vllm_dtype(dtype),
-                       max_model_len=max_model_len, limit_mm_per_prompt={"image": 1}, seed=seed)
-        if adapters:
-            options.update(enable_lora=True, max_lora_rank=max_lora_rank(adapters), max_loras=1,
-                           lora_target_modules=lora_target_modules(adapters))
-        if gpu:
-            options["gpu_memory_utilization"] = gpu_memory_utilization
-        started = time.perf_counter()
-        try:
-            from vllm import LLM
+        self.model = modeling.load_model(model, revision, dtype, attn_implementation)
+        if torch.cuda.is_available():
+            self.model = self.model.to("cuda")
+        self.model.eval()
+        self.batch_size = batch_size
+        self._peft_model = None
+        self._adapter: str | None = None  # the resident adapter's path
+        self._names: dict[str, str] = {}  # adapter path → peft adapter name
 
-            self.llm = LLM(**options)
-        except Exception as error:  # noqa: BLE001 - reported with its cause; the caller decides
-            raise BackendUnavailable(f"the vLLM engine for {model!r} did not start ({_error_text(error)})") from error
-        logger.info("vLLM engine for %s ready in %.1f s (dtype %s, max_model_len %d%s)", model,
-                    time.perf_counter() - started, options["dtype"], max_model_len,
-                    f", LoRA rank up to {options['max_lora_rank']}" if adapters else ", no LoRA")
-
-    def __enter__(self) -> VllmGenerator:
+    def __enter__(self) -> TransformersGenerator:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def close(self) -> None:
-        from pipeline import compat
-
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            compat.shutdown_llm(llm)
-
-    def _lora_request(self, adapter: str | Path):
-        from vllm.lora.request import LoRARequest
-
-        path = str(Path(adapter).resolve())
-        if path not in self._lora_ids:
-            self._lora_ids[path] = len(self._lora_ids) + 1
-        lora_id = self._lora_ids[path]
-        return LoRARequest(f"adapter-{lora_id}", lora_id, path)
+        self.model = self._peft_model = None
 
     def load_adapter(self, adapter: str | Path) -> None:
-        """Load an adapter into the engine now, so one vLLM cannot serve fails here, on its own,
-        not halfway through a batch (where the failure would also take down the other rows)."""
-        try:
-            self.llm.llm_engine.add_lora(self._lora_request(adapter))
-        except Exception as error:  # noqa: BLE001 - vLLM raises ValueError, its own LoRA errors, ...
-            raise BackendUnavailable(f"vLLM cannot load the adapter {adapter} ({_error_text(error)})") from error
+        """Make `adapter` the resident one (raises what peft raises for an adapter it cannot load)."""
+        from peft import PeftModel
+
+        path = str(adapter)
+        if path == self._adapter:
+            return
+        name = self._names.setdefault(path, f"run{len(self._names)}")
+        if self._peft_model is None:
+            self._peft_model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        else:
+            self._peft_model.load_adapter(path, adapter_name=name)
+            self._peft_model.set_adapter(name)
+            previous = self._names.get(self._adapter) if self._adapter else None
+            if previous is not None and previous in self._peft_model.peft_config:
+                self._peft_model.delete_adapter(previous)
+        self._peft_model.eval()
+        self._adapter = path
 
     def generate(self, conversations: Sequence[list[dict]], images: Sequence, *, max_new_tokens: int,
                  temperature: float = 0.0, adapter: str | Path | None = None,
                  desc: str = "generate") -> list[Generation]:
-        """All rows through the engine at once: every request is submitted before the engine runs,
-        so vLLM batches them as one `LLM.generate` call would (that call is exactly these two
-        halves: enqueue, then wait for completion). Submitting one request at a time makes a row
-        vLLM refuses (an image its processor rejects, a prompt over max_model_len) fail on its own;
-        if the run itself fails, the rows are retried one by one."""
-        from tqdm.auto import tqdm
-        from vllm import SamplingParams
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=self.batch_size, desc=desc)
+        if adapter is not None:
+            self.load_adapter(adapter)
+            return generate_batched(self._peft_model, self.processor, conversations, images, **options)
+        if self._peft_model is not None:  # peft changed the base model's layers in place
+            with self._peft_model.disable_adapter():
+                return generate_batched(self._peft_model, self.processor, conversations, images, **options)
+        return generate_batched(self.model, self.processor, conversations, images, **options)
 
-        texts = _chat_texts(self.processor, conversations)
-        requests = [{"prompt": text, "multi_modal_data": {"image": image}}
-                    for text, image in zip(texts, images, strict=True)]
-        sampling = SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature,
-                                  stop_token_ids=sorted(_stop_token_ids(self.processor.tokenizer)))
-        lora = self._lora_request(adapter) if adapter is not None else None
-        logger.info("%s [vllm]: %d rows%s", desc, len(requests), f", adapter {adapter}" if adapter else "")
-        started = time.perf_counter()
-        results: list[Generation | None] = [None] * len(requests)
-        queued: list[tuple[int, str]] = []  # (row, vLLM request id), in submission order
-        for row, request in enumerate(tqdm(requests, desc=f"{desc}: submit", unit="row")):
-            try:
-                queued += [(row, request_id) for request_id in
-                           self.llm.enqueue([request], sampling, lora_request=lora, use_tqdm=False)]
-            except Exception as error:  # noqa: BLE001 - this row only
-                logger.warning("%s: row %d refused by vLLM (%s)", desc, row, _error_text(error))
-                results[row] = Generation(text=None, error=_error_text(error))
-        try:
-            self._complete(queued, results, progress=True)
-        except Exception as batch_error:  # noqa: BLE001 - isolate the bad row(s)
-            logger.warning("%s: the vLLM batch failed (%s); retrying row by row", desc, _error_text(batch_error))
-            for row, _ in queued:
+
+# ---------------------------------------------------------------------------------------------
+# one base model's requests, with vLLM when it can serve them: the fallback, decided here only
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Request:
+    """Answers to produce with one base model: without an adapter (the base) or with one."""
+
+    adapter: str | Path | None
+    desc: str
+    # called right before generating: (conversations, images); no images, nothing to generate
+    inputs: Callable[[], tuple[Sequence[list[dict]], Sequence]]
+
+
+@dataclass
+class Served:
+    """A request's answers and the backend that produced them, or the error that stopped it:
+    `BackendUnavailable` when vLLM was required and cannot serve, else the adapter's load error."""
+
+    request: Request
+    backend: str
+    generations: list[Generation] | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to load the base model and generate: the same in both backends."""
+
+    revision: str = "main"
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    max_model_len: int = 4096
+    seed: int = 0
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    batch_size: int = 8  # transformers only: vLLM schedules its own batches
+
+
+def serve(model: str, requests: Sequence[Request], settings: Settings, *, backend: str, strict: bool,
+          together: bool = False) -> Iterator[Served]:
+    """Each request served once, in order, with vLLM first (`backend` is `select_backend`'s answer).
+
+    One vLLM engine serves the base and every adapter (a `LoRARequest` each). When the engine cannot
+    start, every request falls back to transformers; when it cannot load an adapter, that request
+    does, or with `together` every request (so that all answers come from one backend). `strict`
+    (vLLM asked for by name) turns each fallback into a `Served` with the `BackendUnavailable` error.
+    The engine is shut down before the transformers model is loaded (they do not share the GPU).
+    A base model neither backend can load raises `BaseModelUnavailable`."""
+    pending = list(requests)
+    if backend == "vllm":
+        pending = yield from _serve_vllm(model, pending, settings, strict, together)
+    if not pending:
+        return
+    try:
+        generator = TransformersGenerator(model, revision=settings.revision, dtype=settings.dtype,
+                                          attn_implementation=settings.attn_implementation,
+                                          batch_size=settings.batch_size)
+    except Exception as error:
+        raise BaseModelUnavailable(str(error)) from error
+    with generator:
+        for request in pending:
+            if request.adapter is not None:
                 try:
-                    resubmitted = self.llm.enqueue([requests[row]], sampling, lora_request=lora, use_tqdm=False)
-                    self._complete([(row, request_id) for request_id in resubmitted], results, progress=False)
-                except Exception as row_error:  # noqa: BLE001
-                    results[row] = Generation(text=None, error=_error_text(row_error))
-        done = [r if r is not None else Generation(text=None, error="no output from vLLM") for r in results]
-        _log_throughput(desc, "vllm", done, time.perf_counter() - started)
-        return done
+                    generator.load_adapter(request.adapter)
+                except Exception as error:  # noqa: BLE001 - this request only
+                    yield Served(request, "transformers", error=error)
+                    continue
+            yield from _answer(generator, request, settings, "transformers")
 
-    def _complete(self, queued: list[tuple[int, str]], results: list, progress: bool) -> None:
-        """Run the engine until every queued request is done; outputs come sorted by request, as queued."""
-        if not queued:
-            return
-        try:
-            outputs = self.llm.wait_for_completion(use_tqdm=progress)
-            if len(outputs) != len(queued):
-                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(queued)} requests")
-        except Exception:
-            self._recover([request_id for _, request_id in queued])
-            raise
-        for (row, _), output in zip(queued, outputs, strict=True):
-            results[row] = self._record(output)
 
-    def _recover(self, request_ids: list[str]) -> None:
-        """After an error inside an engine step: drop the requests, which would otherwise be scheduled
-        again by every later call, and the caches they half-filled (without the encoder-cache reset
-        the next request with the same image fails with 'Encoder cache miss')."""
-        self.llm.llm_engine.abort_request(request_ids, internal=True)
-        self.llm.reset_prefix_cache()
-        self.llm.llm_engine.reset_encoder_cache()
+def _answer(generator, request: Request, settings: Settings, backend: str) -> Iterator[Served]:
+    conversations, images = request.inputs()
+    if len(images):
+        yield Served(request, backend, generator.generate(
+            conversations, images, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+            adapter=request.adapter, desc=request.desc))
 
-    def _record(self, output) -> Generation:
-        completion = output.outputs[0]
-        token_ids = list(completion.token_ids)
-        # a stop token (end of turn, padding) is the last token id but not part of the answer,
-        # as in the transformers path; stop_reason is None for the EOS token, the id for the others
-        if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str) and token_ids:
-            token_ids = token_ids[:-1]
-        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return Generation(text=text, num_tokens=len(token_ids), truncated=completion.finish_reason == "length",
-                          prompt_tokens=len(output.prompt_token_ids or ()))
+
+def _serve_vllm(model: str, requests: list[Request], settings: Settings, strict: bool,
+                together: bool) -> Generator[Served, None, list[Request]]:
+    """Serve what vLLM can; returns the requests left for transformers."""
+    def fall_back(error: BackendUnavailable, which: list[Request]) -> list[Request]:
+        logger.warning("%s; %s: transformers generate instead", error, ", ".join(r.desc for r in which))
+        return which
+
+    from pipeline.vllm_generator import VllmGenerator
+
+    adapters = [r.adapter for r in requests if r.adapter is not None]
+    try:
+        engine = VllmGenerator(model, revision=settings.revision, dtype=settings.dtype,
+                               max_model_len=settings.max_model_len, seed=settings.seed, adapters=adapters)
+    except BackendUnavailable as error:
+        if strict:
+            yield from (Served(r, "vllm", error=error) for r in requests)
+            return []
+        return fall_back(error, requests)
+    except Exception as error:  # the model itself is unavailable: transformers cannot help
+        raise BaseModelUnavailable(str(error)) from error
+    left: list[Request] = []
+    with engine:
+        if together:
+            try:
+                for adapter in adapters:  # before any answer: a failure here can still fall back whole
+                    engine.load_adapter(adapter)
+            except BackendUnavailable as error:
+                if strict:
+                    yield from (Served(r, "vllm", error=error) for r in requests)
+                    return []
+                return fall_back(error, requests)
+        for request in requests:
+            if request.adapter is not None and not together:
+                try:
+                    engine.load_adapter(request.adapter)
+                except BackendUnavailable as error:
+                    if strict:
+                        yield Served(request, "vllm", error=error)
+                    else:
+                        left += fall_back(error, [request])
+                    continue
+            yield from _answer(engine, request, settings, "vllm")
+    return left

@@ -266,10 +266,7 @@ def run_inference(targets: list[RunTarget], images: list[ImageSource], params: P
                results)
     for (base_model, revision), members in groups.items():
         members.sort(key=lambda t: t.adapter is not None)  # stable: the base model before adapters
-        if args.generation_backend == "vllm":
-            members = _run_group_vllm(base_model, revision, members, job)
-        if members:
-            _run_group_transformers(base_model, revision, members, job)
+        _run_group(base_model, revision, members, job)
     return results
 
 
@@ -297,106 +294,43 @@ def _base_error(base_model: str, error: Exception) -> str:
     return f"cannot load base model {base_model!r}: {str(error).strip().splitlines()[0][:300]}"
 
 
-def _run_group_vllm(base_model: str, revision: str, members: list[RunTarget], job: _Job) -> list[RunTarget]:
-    """One engine for the base model and all its runs' adapters; returns the runs left for transformers."""
-    from pipeline.generation import VllmGenerator
-
-    strict = job.args.backend == "vllm"
-    adapters = [t.adapter for t in members if t.adapter is not None]
-    try:
-        engine = VllmGenerator(base_model, revision=revision, dtype=job.params.model.dtype,
-                               max_model_len=job.params.model.max_model_len, seed=job.params.seed,
-                               adapters=adapters)
-    except BackendUnavailable as error:
-        if strict:
-            job.results.extend(Result(t.run_id, None, adapter=t.adapter_source, error=f"{error} (--backend vllm)")
-                               for t in members)
-            return []
-        logger.warning("%s; runs %s use transformers generate instead", error, ", ".join(t.run_id for t in members))
-        return members
-    except Exception as error:  # noqa: BLE001 - the model itself is unavailable: transformers cannot help
-        job.results.extend(Result(t.run_id, None, error=_base_error(base_model, error)) for t in members)
-        return []
-    fallback: list[RunTarget] = []
-    with engine:
-        for target in members:
-            if target.adapter is not None:
-                try:
-                    engine.load_adapter(target.adapter)
-                except BackendUnavailable as error:
-                    if strict:
-                        job.results.append(Result(target.run_id, None, adapter=target.adapter_source,
-                                                  error=f"{error} (--backend vllm)"))
-                    else:
-                        logger.warning("%s: %s; this run uses transformers generate instead", target.run_id, error)
-                        fallback.append(target)
-                    continue
-            prepared, batch_images = _prepare_images(target, job)
-            if not prepared:
-                continue
-            generations = engine.generate([job.conversation] * len(prepared), batch_images,
-                                          max_new_tokens=job.args.max_new_tokens, temperature=job.args.temperature,
-                                          adapter=target.adapter, desc=f"infer {target.run_id}")
-            job.add(target, prepared, generations, "vllm")
-    return fallback
-
-
-def _run_group_transformers(base_model: str, revision: str, members: list[RunTarget], job: _Job) -> None:
-    """The base model loaded once; each run's adapter attached to it with peft in turn."""
+def _run_group(base_model: str, revision: str, members: list[RunTarget], job: _Job) -> None:
+    """One base model (one vLLM engine, or one transformers model) for all its runs' adapters."""
     from pipeline import generation
 
+    args, model = job.args, job.params.model
+    settings = generation.Settings(
+        revision=revision, dtype=model.dtype, attn_implementation=model.attn_implementation,
+        max_model_len=model.max_model_len, seed=job.params.seed, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, batch_size=args.batch_size)
+    prepared: dict[str, list[ImageSource]] = {}  # run id → the images its answers belong to
+    done: set[str] = set()  # runs whose images were prepared or that failed: not the base model's fault
+
+    def inputs(target: RunTarget):
+        def prepare():
+            done.add(target.run_id)
+            prepared[target.run_id], batch_images = _prepare_images(target, job)
+            return [job.conversation] * len(batch_images), batch_images
+        return prepare
+
+    requests = [generation.Request(t.adapter, f"infer {t.run_id}", inputs(t)) for t in members]
+    by_request = {id(request): target for request, target in zip(requests, members, strict=True)}
     try:
-        model, processor = _load_base(base_model, revision, job.params)
-    except Exception as error:  # noqa: BLE001 - one unavailable base must not stop the other groups
-        job.results.extend(Result(t.run_id, None, error=_base_error(base_model, error)) for t in members)
-        return
-    options = dict(max_new_tokens=job.args.max_new_tokens, temperature=job.args.temperature,
-                   batch_size=job.args.batch_size)
-    peft_model, loaded = None, None
-    for index, target in enumerate(members):
-        if target.adapter is not None:
-            try:
-                peft_model, loaded = _attach(model, peft_model, loaded, target.adapter, f"run{index}")
-            except Exception as error:  # noqa: BLE001
+        for served in generation.serve(base_model, requests, settings, backend=args.generation_backend,
+                                       strict=args.backend == "vllm"):
+            target = by_request[id(served.request)]
+            done.add(target.run_id)
+            if isinstance(served.error, generation.BackendUnavailable):
                 job.results.append(Result(target.run_id, None, adapter=target.adapter_source,
-                                          error=f"cannot load adapter {target.adapter_source}: {error}"))
-                continue
-        prepared, batch_images = _prepare_images(target, job)
-        if not prepared:
-            continue
-        generations = generation.generate_batched(peft_model if target.adapter else model, processor,
-                                                  [job.conversation] * len(prepared), batch_images,
-                                                  desc=f"infer {target.run_id}", **options)
-        job.add(target, prepared, generations, "transformers")
-    del model, peft_model
-
-
-def _load_base(name_or_path: str, revision: str, params: Params):
-    import torch
-
-    from pipeline import modeling
-
-    processor = modeling.load_processor(name_or_path, revision)
-    model = modeling.load_model(name_or_path, revision, params.model.dtype, params.model.attn_implementation)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    model.eval()
-    return model, processor
-
-
-def _attach(model, peft_model, loaded: str | None, adapter: str, name: str):
-    """One adapter resident at a time: attach the next, then drop the previous (memory stays flat)."""
-    from peft import PeftModel
-
-    if peft_model is None:
-        peft_model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
-    else:
-        peft_model.load_adapter(adapter, adapter_name=name)
-        peft_model.set_adapter(name)
-        if loaded is not None and loaded in peft_model.peft_config:
-            peft_model.delete_adapter(loaded)
-    peft_model.eval()
-    return peft_model, name
+                                          error=f"{served.error} (--backend vllm)"))
+            elif served.error is not None:
+                job.results.append(Result(target.run_id, None, adapter=target.adapter_source,
+                                          error=f"cannot load adapter {target.adapter_source}: {served.error}"))
+            else:
+                job.add(target, prepared[target.run_id], served.generations, served.backend)
+    except generation.BaseModelUnavailable as error:  # one unavailable base must not stop the other groups
+        job.results.extend(Result(t.run_id, None, error=_base_error(base_model, error))
+                           for t in members if t.run_id not in done)
 
 
 def _prepare_images(target: RunTarget, job: _Job):

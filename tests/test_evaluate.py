@@ -169,7 +169,7 @@ def test_vllm_context_is_capped_at_the_checkpoints_own(tiny_model_dir):
     """A registered run's base may allow less context than params.yaml's max_model_len; vLLM would refuse it."""
     from transformers import AutoConfig
 
-    from pipeline.generation import _fit_context
+    from pipeline.vllm_generator import _fit_context
 
     limit = AutoConfig.from_pretrained(str(tiny_model_dir)).get_text_config().max_position_embeddings
     assert _fit_context(str(tiny_model_dir), "main", limit * 8) == limit
@@ -179,7 +179,7 @@ def test_vllm_context_is_capped_at_the_checkpoints_own(tiny_model_dir):
 def test_vllm_wraps_only_the_layers_the_adapters_change(tmp_path):
     """`lora_target_modules` is the union of the adapters' own lists; a pattern (or an unreadable
     adapter) leaves vLLM's default of every supported layer."""
-    from pipeline.generation import lora_target_modules
+    from pipeline.vllm_generator import lora_target_modules
 
     def adapter(name: str, targets):
         folder = tmp_path / name
