@@ -100,7 +100,7 @@ def timed(func, completions: list, columns: dict, batch: int, repeats: int) -> f
     The caches are emptied before each repeat, so only repeats within the batch hit them, as in training."""
     best = float("inf")
     for _ in range(repeats):
-        scoring.clean_answer.cache_clear()
+        scoring.strip_markup.cache_clear()
         started = time.perf_counter()
         for start in range(0, len(completions), batch):
             func(completions[start:start + batch], **{k: v[start:start + batch] for k, v in columns.items()})

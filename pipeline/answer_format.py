@@ -31,25 +31,21 @@ def formatted(reasoning: str, answer: str) -> str:
 
 
 def completion_text(completion: Any) -> str:
-    """TRL passes conversational completions as `[{"role": "assistant", "content": ...}]`."""
-    try:
-        if completion is None:
-            return ""
-        if isinstance(completion, str):
-            return completion
-        if isinstance(completion, Mapping):
-            message = completion
-        elif isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], Mapping):
-            message = completion[-1]
-        else:
-            return ""
-        content = message.get("content")
-        if isinstance(content, list):  # multimodal content parts
-            return "".join(part.get("text") or "" for part in content
-                           if isinstance(part, Mapping) and isinstance(part.get("text"), str))
-        return content if isinstance(content, str) else ""
-    except Exception:  # noqa: BLE001 - a malformed message is an empty completion, not a crash
+    """TRL passes conversational completions as `[{"role": "assistant", "content": ...}]`; anything
+    else that is not a string is an empty completion."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Mapping):
+        message = completion
+    elif isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], Mapping):
+        message = completion[-1]
+    else:
         return ""
+    content = message.get("content")
+    if isinstance(content, list):  # multimodal content parts
+        return "".join(part["text"] for part in content
+                       if isinstance(part, Mapping) and isinstance(part.get("text"), str))
+    return content if isinstance(content, str) else ""
 
 
 def extract_answer(text: str | None) -> str | None:

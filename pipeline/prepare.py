@@ -38,7 +38,7 @@ REQUIRED_COLUMNS = ("question", "image", "answer")
 HELPER_COLUMNS = ("drop_reason", "train_drop_reason", "image_tokens", "content_key")
 REPORT_EXAMPLES = 5
 IMAGE_PLACEHOLDER_RE = re.compile(r"<image>")
-MAX_PRECISION = 10  # decimal places; more is a data error, not a precision
+MAX_ROW_PRECISION = 10  # a row's precision (decimal places) above this is a data error: the row is dropped
 TEMPLATE_SLACK = 16  # tokens a model's own chat template may add beyond plain ChatML (upper-bound count only)
 ROW_GROUP_ROWS = 100  # fixed parquet row groups: the file layout never depends on num_proc
 ANSWER_TYPES = ("integer", "float", "text", "list")
@@ -214,7 +214,7 @@ def clean_text(value: Any) -> str | None:
     return str(value).strip() or None
 
 
-def clean_answer(value: Any) -> str:
+def clean_gold_answer(value: Any) -> str:
     """A list answer becomes `[a, b]` (the form scoring parses); numbers lose a spurious `.0`."""
     items = _as_list(value) if not isinstance(value, str) else None
     if items is not None:
@@ -262,7 +262,7 @@ def clean_precision(value: Any) -> float | None:
         precision = float(value)
     except (TypeError, ValueError):
         raise BadRow("unparseable_precision") from None
-    if not (math.isfinite(precision) and precision.is_integer() and 0 <= precision <= MAX_PRECISION):
+    if not (math.isfinite(precision) and precision.is_integer() and 0 <= precision <= MAX_ROW_PRECISION):
         raise BadRow("unparseable_precision")
     return precision
 
@@ -313,7 +313,7 @@ def _question_fields(row: dict, paths: dict) -> dict:
         question = clean_text(IMAGE_PLACEHOLDER_RE.sub(" ", question))
     if question is None:
         raise BadRow("empty_question")
-    answer = clean_answer(read_field(row, paths["answer"]))
+    answer = clean_gold_answer(read_field(row, paths["answer"]))
     choices = clean_choices(read_field(row, paths["choices"]))
     question_type = clean_text(read_field(row, paths["question_type"]))
     question_type = question_type or ("multi_choice" if choices else "free_form")

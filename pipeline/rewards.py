@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pipeline.answer_format import ANSWER_CLOSE, TAGS, completion_text, extract_answer, is_soft, is_strict
@@ -30,12 +31,23 @@ XML_TRAILING_CAP = 0.125  # … capped, so rambling costs at most one tag's cred
 
 
 def _texts(completions: Any) -> list[str]:
-    if completions is None or isinstance(completions, (str, bytes)):
-        return [completion_text(completions)] if isinstance(completions, str) else []
-    try:
-        return [completion_text(completion) for completion in completions]
-    except TypeError:
+    if isinstance(completions, str):
+        return [completions]
+    if completions is None or isinstance(completions, bytes) or not isinstance(completions, Iterable):
         return []
+    return [completion_text(completion) for completion in completions]
+
+
+def _scores(completions: Any, score: Callable[[str, int], float]) -> list[float]:
+    """`score(text, i)` for each completion. The rewards' one guard: a completion whose scoring
+    raises gets 0.0, since a reward that raises stops the run for one odd sample."""
+    scores = []
+    for i, text in enumerate(_texts(completions)):
+        try:
+            scores.append(float(score(text, i)))
+        except Exception:  # noqa: BLE001 - see the docstring
+            scores.append(0.0)
+    return scores
 
 
 def xml_count(text: str) -> float:
@@ -55,26 +67,19 @@ def xml_count(text: str) -> float:
     return min(max(score, 0.0), 4 * XML_TAG_CREDIT)
 
 
-def _safe(rule: Callable[[str], float], text: str) -> float:
-    try:
-        return rule(text)
-    except Exception:  # noqa: BLE001 - a reward that raises stops the run for one odd sample
-        return 0.0
-
-
 def strict_format_reward_func(completions: Sequence[Any], **_: Any) -> list[float]:
     """1.0 for exactly `<reasoning>…</reasoning><answer>…</answer>` (space around allowed), else 0.0."""
-    return [float(is_strict(text)) for text in _texts(completions)]
+    return _scores(completions, lambda text, _: is_strict(text))
 
 
 def soft_format_reward_func(completions: Sequence[Any], **_: Any) -> list[float]:
     """1.0 when a reasoning block is followed by a non-empty answer block anywhere in the text, else 0.0."""
-    return [float(is_soft(text)) for text in _texts(completions)]
+    return _scores(completions, lambda text, _: is_soft(text))
 
 
 def xmlcount_reward_func(completions: Sequence[Any], **_: Any) -> list[float]:
     """In [0, 0.5]: helps a model that has never written the tags find them, one tag at a time."""
-    return [_safe(xml_count, text) for text in _texts(completions)]
+    return _scores(completions, lambda text, _: xml_count(text))
 
 
 ROW_COLUMNS = ("answer", "choices", "question_type", "answer_type", "precision", "unit")
@@ -82,26 +87,19 @@ ROW_COLUMNS = ("answer", "choices", "question_type", "answer_type", "precision",
 
 def _column_value(values: Any, i: int) -> Any:
     """Item i of a batched column (list, tuple, numpy array), or None when it is missing or too short."""
-    if values is None or isinstance(values, (str, bytes, Mapping)):
+    if values is None or isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__getitem__"):
         return None
-    try:
-        return values[i] if 0 <= i < len(values) else None
-    except Exception:  # noqa: BLE001 - an odd column is a missing value, not a crash
-        return None
+    return values[i] if 0 <= i < len(values) else None
 
 
 def correctness_reward_func(completions: Sequence[Any], **columns: Any) -> list[float]:
     """1.0 when the last `<answer>` block grades correct against its row (pipeline.scoring), else 0.0.
 
     TRL passes each dataset column as a list with one value per completion, named as in MathVista."""
-    rewards = []
-    for i, text in enumerate(_texts(completions)):
-        row = {name: _column_value(columns.get(name), i) for name in ROW_COLUMNS}
-        try:
-            rewards.append(1.0 if is_correct(extract_answer(text), row) else 0.0)
-        except Exception:  # noqa: BLE001 - is_correct never raises; this keeps the promise if it ever did
-            rewards.append(0.0)
-    return rewards
+    def score(text: str, i: int) -> bool:
+        return is_correct(extract_answer(text), {name: _column_value(columns.get(name), i) for name in ROW_COLUMNS})
+
+    return _scores(completions, score)
 
 
 REWARD_FUNCS: dict[str, RewardFunc] = {
@@ -135,13 +133,29 @@ def get_reward_func(name: str) -> RewardFunc:
     return func
 
 
-def resolve_rewards(weights: Mapping[str, float]) -> tuple[list[RewardFunc], list[float]]:
-    """Functions and weights in params order, ready for GRPOTrainer(reward_funcs=…, reward_weights=…)."""
-    funcs, floats = [], []
+_DOTTED_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def check_weights(weights: Mapping[str, Any]) -> dict[str, float]:
+    """The `rewards` section checked without importing anything: every name registered or of the
+    form `package.module:function`, every weight a finite number. The one check of the weights
+    (params validation and `resolve_rewards` both use it); raises RewardLookupError."""
+    checked = {}
     for name, weight in weights.items():
-        value = float(weight)
+        if not isinstance(name, str) or (name not in REWARD_FUNCS and not _DOTTED_NAME.match(name)):
+            raise RewardLookupError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARD_FUNCS))}, "
+                                    "or 'package.module:function'")
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            value = math.nan
         if not math.isfinite(value):
             raise RewardLookupError(f"weight of reward {name!r} must be a finite number, got {weight!r}")
-        funcs.append(get_reward_func(name))
-        floats.append(value)
-    return funcs, floats
+        checked[name] = value
+    return checked
+
+
+def resolve_rewards(weights: Mapping[str, float]) -> tuple[list[RewardFunc], list[float]]:
+    """Functions and weights in params order, ready for GRPOTrainer(reward_funcs=…, reward_weights=…)."""
+    checked = check_weights(weights)
+    return [get_reward_func(name) for name in checked], list(checked.values())

@@ -26,10 +26,10 @@ from functools import lru_cache
 from typing import Any
 
 MAX_ANSWER_CHARS = 1000  # longer "answers" are listings, not answers; bounds the work per completion
-MAX_PRECISION = 12  # MathVista's precisions are 1-3; more digits than this is a data error
+MAX_ROUNDING_PLACES = 12  # the most decimal places grading rounds to; a row asking for more has no precision
 _MAX_EXPONENT = 100  # |value| beyond 1e100 or below 1e-100 is not an answer anyone asked for
-# enough digits to round any accepted value (up to 1e100) to MAX_PRECISION places exactly
-_ROUNDING = Context(prec=_MAX_EXPONENT + MAX_PRECISION + 10)
+# enough digits to round any accepted value (up to 1e100) to MAX_ROUNDING_PLACES places exactly
+_ROUNDING = Context(prec=_MAX_EXPONENT + MAX_ROUNDING_PLACES + 10)
 
 # ---------------------------------------------------------------------------------------------
 # normalisation: LaTeX wrappers, unicode, markdown
@@ -73,7 +73,7 @@ def _unwrap_boxed(text: str) -> str:
 
 
 @lru_cache(maxsize=16384)
-def clean_answer(text: str) -> str:
+def strip_markup(text: str) -> str:
     """Strip what carries no answer: math delimiters, `\\boxed`, `\\text`, markdown, an "Answer:" prefix,
     trailing punctuation; collapse runs of space. Case is left for the caller.
 
@@ -104,7 +104,7 @@ def clean_answer(text: str) -> str:
 
 def normalise_text(text: str) -> str:
     """Case-, space- and punctuation-insensitive form for text answers and option texts."""
-    return " ".join(clean_answer(text).lower().split())
+    return " ".join(strip_markup(text).lower().split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def parse_number(text: str, unit: str | None = None) -> Decimal | None:
     """
     if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
         return None
-    cleaned = clean_answer(text)
+    cleaned = strip_markup(text)
     if not cleaned:
         return None
     match = _NUMBER_RE.match(cleaned)
@@ -256,7 +256,7 @@ def _precision(value: Any) -> int | None:
         digits = float(value)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(digits) or not digits.is_integer() or not 0 <= digits <= MAX_PRECISION:
+    if not math.isfinite(digits) or not digits.is_integer() or not 0 <= digits <= MAX_ROUNDING_PLACES:
         return None
     return int(digits)
 
@@ -264,7 +264,7 @@ def _precision(value: Any) -> int | None:
 def _decimals_written(number: str) -> int:
     """Digits after the point in the gold answer: MathVista's precision when the row has none."""
     match = re.search(r"\.(\d+)", number)
-    return min(len(match.group(1)), MAX_PRECISION) if match else 0
+    return min(len(match.group(1)), MAX_ROUNDING_PLACES) if match else 0
 
 
 def _rounded(value: Decimal, digits: int) -> Decimal:
@@ -300,7 +300,7 @@ def named_options(prediction: str, choices: list[str], unit: str | None = None) 
     the same text (MathVista has such rows); then a letter with the option's text (`(B) 12 cm`),
     which counts only if the text agrees with that letter.
     """
-    cleaned = clean_answer(prediction)
+    cleaned = strip_markup(prediction)
     letter = _LETTER_RE.match(cleaned)
     if letter:
         index = ord((letter.group(1) or letter.group(2)).upper()) - ord("A")
@@ -354,7 +354,7 @@ def _choices(value: Any) -> list[str] | None:
 
 
 def _list_items(text: str) -> list[str]:
-    text = clean_answer(text).strip()
+    text = strip_markup(text).strip()
     if text[:1] in "[(" and text[-1:] in "])":
         text = text[1:-1]
     text = text.strip().rstrip(",;").strip()

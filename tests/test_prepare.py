@@ -387,13 +387,13 @@ def test_embedded_demo_dataset_goes_through_the_same_code(embedded_root, tmp_pat
     (3, "3"), (2.0, "2"), (2.5, "2.5"), ("  blue ", "blue"), ([1, 2, 3], "[1, 2, 3]"), (True, "True"),
 ])
 def test_answers_are_normalised_to_the_text_scoring_reads(value, expected):
-    assert prep.clean_answer(value) == expected
+    assert prep.clean_gold_answer(value) == expected
 
 
 @pytest.mark.parametrize("value", [None, float("nan"), "  ", []])
 def test_missing_answers_are_bad_rows(value):
     with pytest.raises(prep.BadRow, match="missing_answer"):
-        prep.clean_answer(value)
+        prep.clean_gold_answer(value)
 
 
 def test_choices_precision_and_shapes():

@@ -23,10 +23,10 @@ from pipeline.answer_format import completion_text, extract_answer
 from pipeline.scoring import (
     MAX_ANSWER_CHARS,
     choice_index,
-    clean_answer,
     is_correct,
     latex_number,
     parse_number,
+    strip_markup,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -256,11 +256,11 @@ def test_latex_guard_keeps_sympy_bounded(raw: str) -> None:
     assert latex_number(raw) is None
 
 
-def test_clean_answer_peels_wrappers() -> None:
-    assert clean_answer("$\\boxed{\\text{green}}$.") == "green"
-    assert clean_answer("The final answer is: 42") == "42"
-    assert clean_answer("  a   b  ") == "a b"
-    assert clean_answer("Choice of words") == "Choice of words"  # a label only before a lone letter
+def test_strip_markup_peels_wrappers() -> None:
+    assert strip_markup("$\\boxed{\\text{green}}$.") == "green"
+    assert strip_markup("The final answer is: 42") == "42"
+    assert strip_markup("  a   b  ") == "a b"
+    assert strip_markup("Choice of words") == "Choice of words"  # a label only before a lone letter
 
 
 def test_choice_index() -> None:
