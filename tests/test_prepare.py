@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from pipeline import images
+from pipeline import images, prompt_tokens, row_values, splits
 from pipeline import prepare as prep
 from pipeline.params import ModelParams, ParamsError, parse_params
 
@@ -119,8 +119,8 @@ def good_rows(count: int, seed: int, prefix: str = "", long_every: int = 0) -> l
 
 def _ids_in_different_splits() -> tuple[str, str]:
     ids = [f"twin-{i}" for i in range(100)]
-    train = next(i for i in ids if prep.split_of(i, SEED, EVAL_FRACTION) == "train")
-    held_out = next(i for i in ids if prep.split_of(i, SEED, EVAL_FRACTION) == "eval")
+    train = next(i for i in ids if splits.split_of(i, SEED, EVAL_FRACTION) == "train")
+    held_out = next(i for i in ids if splits.split_of(i, SEED, EVAL_FRACTION) == "eval")
     return train, held_out
 
 
@@ -234,8 +234,8 @@ def test_split_has_no_leak_and_follows_the_id_hash(prepared):
     out, report = prepared
     train, held_out = (load_split(out, split) for split in ("train", "eval"))
     assert not set(train["id"]) & set(held_out["id"])
-    assert all(prep.split_of(i, SEED, EVAL_FRACTION) == "train" for i in train["id"])
-    assert all(prep.split_of(i, SEED, EVAL_FRACTION) == "eval" for i in held_out["id"])
+    assert all(splits.split_of(i, SEED, EVAL_FRACTION) == "train" for i in train["id"])
+    assert all(splits.split_of(i, SEED, EVAL_FRACTION) == "eval" for i in held_out["id"])
     twin_train, twin_eval = _ids_in_different_splits()
     assert twin_eval in held_out["id"] and twin_train not in train["id"]
     assert report["dropped_examples"]["duplicate_of_eval_row"] == [twin_train]
@@ -266,8 +266,8 @@ def test_length_filter_with_the_models_tokenizer(tiny_model_dir, tmp_path):
     assert report["prompt_tokens"]["max"] <= report["prompt_tokens"]["budget"] == 400
 
     processor = modeling.load_processor(str(tiny_model_dir))
-    counter = prep.PromptTokenCounter(make_params(source, **settings).model)
-    upper = prep.PromptTokenCounter(ModelParams(name_or_path=str(tmp_path / "no-model")))
+    counter = prompt_tokens.PromptTokenCounter(make_params(source, **settings).model)
+    upper = prompt_tokens.PromptTokenCounter(ModelParams(name_or_path=str(tmp_path / "no-model")))
     for row in load_split(tmp_path / "data", "train").select(range(6)):
         messages = [dict(m) for m in row["prompt"]]
         messages[1]["content"] = [{"type": "image"}, {"type": "text", "text": messages[1]["content"]}]
@@ -387,22 +387,22 @@ def test_embedded_demo_dataset_goes_through_the_same_code(embedded_root, tmp_pat
     (3, "3"), (2.0, "2"), (2.5, "2.5"), ("  blue ", "blue"), ([1, 2, 3], "[1, 2, 3]"), (True, "True"),
 ])
 def test_answers_are_normalised_to_the_text_scoring_reads(value, expected):
-    assert prep.clean_gold_answer(value) == expected
+    assert row_values.clean_gold_answer(value) == expected
 
 
 @pytest.mark.parametrize("value", [None, float("nan"), "  ", []])
 def test_missing_answers_are_bad_rows(value):
     with pytest.raises(prep.BadRow, match="missing_answer"):
-        prep.clean_gold_answer(value)
+        row_values.clean_gold_answer(value)
 
 
 def test_choices_precision_and_shapes():
-    assert prep.clean_choices('["a", "b"]') == ["a", "b"] and prep.clean_choices(None) is None
-    assert prep.match_choice("(b)", ["x", "y"]) == "y" and prep.match_choice(" Y ", ["x", "y"]) == "y"
-    assert prep.clean_precision("2") == 2.0 and prep.clean_precision(None) is None
+    assert row_values.clean_choices('["a", "b"]') == ["a", "b"] and row_values.clean_choices(None) is None
+    assert row_values.match_choice("(b)", ["x", "y"]) == "y" and row_values.match_choice(" Y ", ["x", "y"]) == "y"
+    assert row_values.clean_precision("2") == 2.0 and row_values.clean_precision(None) is None
     rules = images.ImageRules(FACTOR, MIN_PIXELS, MAX_PIXELS, max_aspect_ratio=50.0)
-    for call, reason in [(lambda: prep.clean_choices("a or b"), "unparseable_choices"),
-                         (lambda: prep.clean_precision(float("inf")), "unparseable_precision")]:
+    for call, reason in [(lambda: row_values.clean_choices("a or b"), "unparseable_choices"),
+                         (lambda: row_values.clean_precision(float("inf")), "unparseable_precision")]:
         with pytest.raises(prep.BadRow, match=reason):
             call()
     for call, reason in [(lambda: images.check_shape(0, 10, rules), "zero_size_image"),
