@@ -25,7 +25,7 @@ import pytest
 import yaml
 from conftest import REPO, Workspace, demo_params
 
-from pipeline import infer, registry
+from pipeline import infer, infer_images, infer_runs, registry
 from pipeline.params import parse_params
 
 PROMPT = "How many squares are in the image?"
@@ -212,10 +212,10 @@ def test_entry_point_exit_codes_without_loading_a_model(ws):
 def test_missing_adapter_with_hub_revision_says_how_to_restore(in_ws):
     entry = {**registry.get("registry.json", "v2"), "adapter_path": "outputs/elsewhere/adapter",
              "hub_repo_id": "me/grpo", "hub_revision": "f" * 40}
-    target = infer.locate_adapter("old", entry)  # HF_HUB_OFFLINE=1 in tests: the Hub fetch fails
+    target = infer_runs.locate_adapter("old", entry)  # HF_HUB_OFFLINE=1 in tests: the Hub fetch fails
     assert target.adapter is None
     assert "me/grpo@" + "f" * 40 in target.error and "dvc exp apply old" in target.error
-    local = infer.locate_adapter("v2", {**registry.get("registry.json", "v2"), "adapter_digest": "sha256:0"})
+    local = infer_runs.locate_adapter("v2", {**registry.get("registry.json", "v2"), "adapter_digest": "sha256:0"})
     assert local.adapter == "outputs/v2/adapter" and "retrained" in local.warning
 
 
@@ -243,7 +243,7 @@ def test_urls_have_a_timeout_a_size_cap_and_per_item_errors(ws):
     silent.listen(1)
     with _http_server(ws / "images_in") as url, contextlib.closing(silent):
         hang = f"http://127.0.0.1:{silent.getsockname()[1]}/x.png"
-        items = infer.collect_images([f"{url}/a.png,{url}/absent.png,{url}/c.jpg,ftp://example.com/x.png,{hang}"],
+        items = infer_images.collect_images([f"{url}/a.png,{url}/absent.png,{url}/c.jpg,ftp://example.com/x.png,{hang}"],
                                      timeout=0.5, max_bytes=(ws / "images_in" / "a.png").stat().st_size)
     got = {item.source.rsplit("/", 1)[-1]: item for item in items}
     assert got["a.png"].data == (ws / "images_in" / "a.png").read_bytes()

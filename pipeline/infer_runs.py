@@ -1,0 +1,106 @@
+"""The inference CLI's runs: registry ids (`all` for every registered run, `base` for the params'
+base model) → where each run's base model and adapter are. The adapter comes from its local folder
+when it is there (no network, exactly what was evaluated), else from its recorded Hub revision;
+otherwise the run's error says how to bring it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import registry
+from pipeline.images import ImageRules
+from pipeline.infer_images import split_list
+from pipeline.params import OUTPUT_ROOT, Params
+
+BASE = "base"
+ALL = "all"
+
+
+@dataclass
+class RunTarget:
+    """One requested run: where its base model and adapter are, or the reason it cannot run."""
+
+    run_id: str
+    base_model: str = ""
+    base_revision: str = "main"
+    adapter: str | None = None  # local folder with adapter_config.json; None for the base model
+    adapter_source: str | None = None  # what to tell the user: a path or repo@revision
+    preprocessing: dict = field(default_factory=dict)
+    error: str | None = None
+    warning: str | None = None
+
+
+
+def resolve_runs(specs: list[str], params: Params) -> list[RunTarget]:
+    """`all` → every registered run, `base` → the params' base model, else registry ids; order kept."""
+    registry_file = Path(params.publish.registry_file)
+    registry_error = None
+    try:
+        entries = registry.runs(registry_file)
+    except registry.RegistryError as error:
+        entries, registry_error = {}, str(error)
+    wanted: list[str] = []
+    targets: list[RunTarget] = []
+    for spec in split_list(specs):
+        if spec == ALL:
+            if registry_error:
+                targets.append(RunTarget(ALL, error=registry_error))
+            elif not entries:
+                targets.append(RunTarget(ALL, error=f"no run registered in {registry_file} yet "
+                                                    "(the publish stage registers runs: make demo)"))
+            wanted += list(entries)
+        else:
+            wanted.append(spec)
+    seen = set()
+    for run_id in wanted:
+        if run_id in seen:
+            continue
+        seen.add(run_id)
+        if run_id == BASE:
+            targets.append(RunTarget(BASE, params.model.name_or_path, params.model.revision,
+                                     preprocessing=ImageRules.from_params(params).record()))
+        elif run_id not in entries:
+            known = ", ".join(sorted(entries)) or "none registered yet"
+            reason = registry_error or f"unknown run id (known: {known}; or 'all', 'base')"
+            targets.append(RunTarget(run_id, error=reason))
+        else:
+            targets.append(locate_adapter(run_id, entries[run_id]))
+    return targets
+
+
+
+def locate_adapter(run_id: str, entry: dict) -> RunTarget:
+    """Local folder first (no network, exactly what was evaluated), else the Hub revision."""
+    from pipeline.publish import folder_digest, hub_token, redact
+
+    target = RunTarget(run_id, entry.get("base_model", ""), entry.get("base_model_revision") or "main",
+                       preprocessing=entry.get("image_preprocessing") or {})
+    local = Path(entry.get("adapter_path") or f"{OUTPUT_ROOT}/{run_id}/adapter")
+    if (local / "adapter_config.json").is_file():
+        target.adapter, target.adapter_source = str(local), str(local)
+        recorded = entry.get("adapter_digest")
+        if recorded and folder_digest(local) != recorded:
+            target.warning = (f"the adapter in {local} is not the one registered for {run_id!r} (content differs): "
+                              "it was retrained since it was published; using it anyway")
+        return target
+    repo, revision = entry.get("hub_repo_id"), entry.get("hub_revision")
+    restore = f"restore it with `dvc exp apply {run_id}` (DVC keeps every run's outputs in its cache)"
+    if repo and revision:
+        token = hub_token()
+        try:
+            from huggingface_hub import snapshot_download
+
+            target.adapter = snapshot_download(repo, revision=revision, token=token)
+            target.adapter_source = f"{repo}@{revision}"
+            return target
+        except Exception as error:  # noqa: BLE001 - offline, private, deleted: all mean "not here"
+            first = redact(str(error).strip(), token).splitlines()[0] if str(error).strip() else type(error).__name__
+            target.error = (f"adapter not in the working copy ({local}) and the Hub revision {repo}@{revision} "
+                            f"could not be fetched ({type(error).__name__}: {first[:200]}); {restore}")
+            return target
+    target.error = (f"adapter not in the working copy ({local}): the working copy holds only the last DVC "
+                    f"experiment's outputs; {restore}, or publish it to the Hub (publish.push_to_hub)")
+    return target
+
