@@ -1,9 +1,9 @@
 """docs/reward_logic.md cannot drift from the code: its tables are generated from the test cases.
 
 Every table in the doc sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` and is
-rendered here by running the real reward and grading functions on the cases of tests/test_scoring.py
-and tests/test_rewards.py (which also assert the expected values). The test fails when the doc
-differs; after changing a rule or a case, regenerate with
+rendered here by running the real reward and grading functions on the cases of tests/test_scoring.py,
+tests/test_answer_format.py and tests/test_rewards.py (which also assert the expected values). The
+test fails when the doc differs; after changing a rule or a case, regenerate with
 
     .venv/bin/python tests/test_reward_docs.py --write
 """
@@ -83,6 +83,7 @@ def render() -> dict[str, str]:
     from pipeline.scoring import is_correct
 
     scoring_cases, reward_cases = _cases("test_scoring"), _cases("test_rewards")
+    format_cases = _cases("test_answer_format")
     REWARD_RANGES = reward_cases.REWARD_RANGES  # noqa: N806 - the test module's constant
     blocks = {}
 
@@ -100,7 +101,7 @@ def render() -> dict[str, str]:
 
     blocks["extraction"] = _table(["completion", "extracted answer", "why"], [
         [_code(completion), _code(extract_answer(completion)), _cell(why)]
-        for completion, _, why in scoring_cases.EXTRACTION_CASES
+        for completion, _, why in format_cases.EXTRACTION_CASES
     ])
 
     rows = []

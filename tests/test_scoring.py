@@ -4,7 +4,7 @@ Each case states our verdict and how it compares with MathVista's official score
 (`evaluation/calculate_score.py`, ported below as `mathvista_correct`): "same", "stricter" (MathVista
 pays, we do not) or "lenient" (MathVista does not pay a right answer, we do). The test proves each
 claim, so every deliberate difference in docs/reward_logic.md is demonstrated, not asserted; the doc's
-tables are generated from `GRADING_CASES` and `EXTRACTION_CASES` (tests/test_reward_docs.py).
+tables are generated from `GRADING_CASES` (tests/test_reward_docs.py).
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mathvista_scorer import normalize
 
-from pipeline.answer_format import completion_text, extract_answer
 from pipeline.scoring import (
     MAX_ANSWER_CHARS,
     choice_index,
@@ -149,16 +147,6 @@ GRADING_CASES: list[Case] = [
     Case("text", "the green one", text("Green"), False, "extra words"),
 ]
 
-EXTRACTION_CASES: list[tuple[str | None, str | None, str]] = [
-    ("<reasoning>…</reasoning>\n<answer>\n B \n</answer>", "B", "the block's text, stripped"),
-    ("<answer>A</answer> wait, no: <answer>B</answer>", "B", "the last complete block: a model may revise itself"),
-    ("<answer><answer>B</answer>", "B", "nested opening tags: the innermost block"),
-    ("<answer>B", None, "an unclosed block is no answer"),
-    ("The answer is B.", None, "no block, no answer (the prompt asks for one)"),
-    ("<answer></answer>", "", "an empty block is an empty answer (wrong)"),
-    (None, None, "no completion"),
-]
-
 
 # ---------------------------------------------------------------------------------------------
 # MathVista's official scorer, ported as the oracle for the "same/stricter/lenient" claims
@@ -198,11 +186,6 @@ def test_every_rule_has_a_deliberate_difference_or_agreement_case() -> None:
         assert any(case.correct for case in GRADING_CASES if case.rule == rule)
         assert any(not case.correct for case in GRADING_CASES if case.rule == rule)
     assert {case.mathvista for case in GRADING_CASES} == {"same", "stricter", "lenient"}
-
-
-@pytest.mark.parametrize(("completion", "expected", "why"), EXTRACTION_CASES)
-def test_extract_answer(completion: str | None, expected: str | None, why: str) -> None:
-    assert extract_answer(completion) == expected, why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,19 +257,6 @@ def test_choice_index() -> None:
     assert choice_index("A. Lincoln", ["A. Lincoln", "Washington"]) == 0  # an option's text wins over a label
 
 
-@pytest.mark.parametrize(("completion", "expected"), [
-    ("plain", "plain"),
-    ([{"role": "assistant", "content": "hi"}], "hi"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "a"),
-    ({"role": "assistant", "content": "one message"}, "one message"),
-    ([{"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "image"}, {"text": "b"}]}], "ab"),
-    ([{"role": "assistant", "content": None}], ""),
-    ([], ""), (None, ""), (42, ""), ([None], ""), ([{"content": 3}], ""),
-])
-def test_completion_text(completion: Any, expected: str) -> None:
-    assert completion_text(completion) == expected
-
-
 # ---------------------------------------------------------------------------------------------
 # robustness: odd rows, then property tests over random input
 # ---------------------------------------------------------------------------------------------
@@ -349,13 +319,6 @@ def test_is_correct_never_raises_and_returns_a_bool(answer: str | None, row: dic
 def test_parse_number_never_raises(raw: str, unit: str | None) -> None:
     value = parse_number(raw, unit)
     assert value is None or (isinstance(value, Decimal) and value.is_finite())
-
-
-@PROPERTY
-@given(raw=st.text(max_size=300))
-def test_extract_answer_never_raises(raw: str) -> None:
-    extracted = extract_answer(raw)
-    assert extracted is None or (isinstance(extracted, str) and extracted == extracted.strip())
 
 
 @PROPERTY
