@@ -249,14 +249,14 @@ class Served:
 class Settings:
     """How to load the base model and generate: the same in both backends."""
 
-    revision: str = "main"
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
-    max_model_len: int = 4096
-    seed: int = 0
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    batch_size: int = 8  # transformers only: vLLM schedules its own batches
+    revision: str
+    dtype: str
+    attn_implementation: str
+    max_model_len: int  # vLLM only (capped at the checkpoint's own context)
+    seed: int
+    max_new_tokens: int
+    temperature: float
+    batch_size: int  # transformers only: vLLM schedules its own batches
 
 
 def serve(model: str, requests: Sequence[Request], settings: Settings, *, backend: str, strict: bool,
