@@ -127,7 +127,7 @@ def phase_times(trainer):
 
 
 def dvclive(live_dir: Path, resume: bool):
-    """DVC plots through dvclive, configured so it never rewrites dvc.yaml (STACK.md). The training
+    """DVC plots through dvclive, configured so it never rewrites dvc.yaml (docs/training.md). The training
     curves and their last values go to `reports/train/` (Reports.train_curves), the stage's plots and
     metrics, hashed in dvc.lock and committed with each experiment, so they hold no wall-clock value
     (two identical runs must hash alike) nor the run's arguments; step and phase times go to the

@@ -228,7 +228,7 @@ def shutdown_llm(llm) -> None:
     Left to the garbage collector, vLLM's teardown at interpreter exit aborted the process on the
     H100 (`terminate called without an active exception`, exit 134) after a successful run; DVC then
     marks the stage failed. Used for the train stage's colocated engine and for the evaluation and
-    inference engines (pipeline/generation.py); a later engine in the same process starts cleanly.
+    inference engines (pipeline/vllm_generator.py); a later engine in the same process starts cleanly.
     """
     llm = getattr(llm, "_llm", llm)  # CollapsingLLM
     try:

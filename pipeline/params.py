@@ -44,7 +44,6 @@ class Reports:
 EXIT_BAD_PARAMS = 2
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_DOTTED_REWARD = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -318,14 +317,9 @@ class Params(_Section):
     @field_validator("rewards")
     @classmethod
     def _known_rewards(cls, weights: dict[str, float]) -> dict[str, float]:
-        from pipeline.rewards import REWARD_FUNCS  # pure Python: no torch, safe before validation ends
+        from pipeline.rewards import check_weights  # pure Python: no torch, safe before validation ends
 
-        for name, weight in weights.items():
-            if name not in REWARD_FUNCS and not _DOTTED_REWARD.match(name):
-                known = ", ".join(sorted(REWARD_FUNCS))
-                raise ValueError(f"unknown reward {name!r}; known: {known}, or 'package.module:function'")
-            if weight != weight or abs(weight) == float("inf"):
-                raise ValueError(f"weight of {name!r} must be a finite number")
+        check_weights(weights)
         return weights
 
     @model_validator(mode="after")
