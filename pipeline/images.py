@@ -23,6 +23,15 @@ JPEG_QUALITY = 95  # re-encoding a JPEG source: visually lossless, far below PNG
 LETTERBOX_FILL = (255, 255, 255)  # white: what charts and diagrams are drawn on
 
 
+def is_missing(value: Any) -> bool:
+    """No value: None, NaN, an empty or blank string, empty bytes (an image column's empty cell)."""
+    if value is None or value == b"":
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
+
+
 class BadImage(ValueError):
     """One image is unusable; `reason` is the key its row is counted under in data_report.json."""
 
@@ -83,14 +92,6 @@ class ImageRules:
         return (size[0] // self.factor) * (size[1] // self.factor)
 
 
-def _missing(value: Any) -> bool:
-    if value is None or value == b"":
-        return True
-    if isinstance(value, float):
-        return math.isnan(value)
-    return isinstance(value, str) and not value.strip()
-
-
 def _image_source(value: Any, base_dir: str | None) -> Any:
     """Raw bytes, a path or a PIL image, from whatever the image column holds."""
     if isinstance(value, list):
@@ -99,7 +100,7 @@ def _image_source(value: Any, base_dir: str | None) -> Any:
         value = value[0]
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    if _missing(value):
+    if is_missing(value):
         raise BadImage("missing_image")
     if isinstance(value, str):
         path = Path(value) if Path(value).is_absolute() or not base_dir else Path(base_dir) / value

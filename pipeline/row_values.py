@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any
 
+from pipeline.images import is_missing
 from pipeline.prepare_errors import BadRow
 
 MAX_ROW_PRECISION = 10  # a row's precision (decimal places) above this is a data error: the row is dropped
@@ -19,14 +20,6 @@ MAX_ROW_PRECISION = 10  # a row's precision (decimal places) above this is a dat
 
 ANSWER_TYPES = ("integer", "float", "text", "list")
 
-
-
-def _missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return math.isnan(value)
-    return isinstance(value, str) and not value.strip()
 
 
 
@@ -54,7 +47,7 @@ def _as_list(value: Any) -> list | None:
 
 
 def clean_text(value: Any) -> str | None:
-    if _missing(value):
+    if is_missing(value):
         return None
     if isinstance(value, bool):
         return str(value)
@@ -79,7 +72,7 @@ def clean_gold_answer(value: Any) -> str:
 
 
 def clean_choices(value: Any) -> list[str] | None:
-    if _missing(value):
+    if is_missing(value):
         return None
     items = _as_list(value)
     if items is None:
@@ -109,7 +102,7 @@ def match_choice(answer: str, choices: list[str]) -> str:
 
 
 def clean_precision(value: Any) -> float | None:
-    if _missing(value):
+    if is_missing(value):
         return None
     try:
         precision = float(value)

