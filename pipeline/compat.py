@@ -3,14 +3,18 @@
 `WORKAROUNDS` (at the end) lists each one: the library and versions (and platform) it applies to,
 its upstream issue or the reason there is none, the test that fails once it is no longer needed,
 and the function that applies it. `apply(point, **context)` runs, at one point of the train stage,
-the entries whose guard holds. tests/test_compat.py checks that every entry has a guard, a link or
-a reason, and a test that exists. A pin raised past an entry's versions switches it off, and its
-test then says whether it is still needed.
+the entries whose guard holds (the evaluate and inference engines apply `inference_engine`).
+tests/test_compat.py checks that every entry has a guard, a link or a reason, and a test that
+exists. A pin raised past an entry's versions switches it off, and its test then says whether it
+is still needed. The CPU environment's own fix-up (torchvision's CUDA-built native library next to
+CPU torch) cannot wait for a stage: scripts/setup_cpu_env.sh installs it as an import hook
+(scripts/cpu_torchvision_fix.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -257,7 +261,14 @@ def shutdown_vllm(trainer) -> None:
     shutdown_llm(llm)
 
 
-Point = Literal["engine", "config", "processor", "trainer"]
+def _spawn_vllm_workers(context: dict) -> bool:
+    """vLLM runs its engine core in a child process; forked after this process touched CUDA, the
+    child fails ("Cannot re-initialize CUDA in forked subprocess"). A value already set wins."""
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    return os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+
+
+Point = Literal["engine", "config", "processor", "trainer", "inference_engine"]
 
 
 @dataclass(frozen=True)
@@ -310,6 +321,11 @@ WORKAROUNDS: list[Workaround] = [
                "load_weights assumes it does not",
                "tests/test_train.py::test_trls_per_tensor_weight_load_fails_on_vllm_cpu",
                "trainer", _full_weight_reload_on_cpu, platform="cpu"),
+    Workaround("vLLM's engine process spawned, not forked", "vllm", ">=0.11",
+               "none: CUDA cannot be initialised again in a forked child (a CUDA rule, not a vLLM bug), and "
+               "vLLM forks when it cannot tell this process has touched CUDA",
+               "none: needs a GPU; seen on an H100 when the evaluate stage loaded a model before the engine",
+               "inference_engine", _spawn_vllm_workers, platform="gpu"),
 ]
 
 

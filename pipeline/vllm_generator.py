@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,15 +105,12 @@ class VllmGenerator:
     def __init__(self, model: str, *, revision: str = "main", dtype: str = "auto", max_model_len: int,
                  seed: int = 0, adapters: Sequence[str | Path] = (),
                  gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION):
-        from pipeline import modeling
+        from pipeline import compat, modeling
 
         gpu = modeling.on_gpu()
         if not gpu:
             modeling.cpu_vllm_environment()
-        else:
-            # vLLM runs its engine core in a child process; forked after this process touched CUDA, it
-            # fails ("Cannot re-initialize CUDA in forked subprocess", seen on the H100)
-            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        compat.apply("inference_engine", on_gpu=gpu)
         # the chat template and tokenizer of the transformers path; raises ModelNotAvailableError
         self.processor = modeling.load_processor(model, revision)
         max_model_len = _fit_context(model, revision, max_model_len)
