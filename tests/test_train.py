@@ -157,6 +157,8 @@ def test_vllm_colocate_rollouts_agree_with_the_trainer(workspace, model):
     assert "collapse image placeholders" in result.stderr
     differences = _metric_series(ws, "sampling/sampling_logp_difference/mean")
     assert differences[0] < 0.01, differences
+    # float32 on both sides (compat: "vLLM on CPU computes in float32"); ~3e-3 with vLLM in bfloat16
+    assert differences[0] < 5e-4, differences
     assert (ws.root / "outputs" / "vl" / "adapter" / "adapter_model.safetensors").is_file()
     _assert_phase_split(ws, "vl")
 
@@ -394,13 +396,10 @@ def test_vllm_on_cpu_without_a_dtype_samples_from_another_policy(workspace):
     """Fails once TRL gives its colocated engine the model's dtype (or vLLM's CPU backend keeps
     float32): then drop the entry "vLLM on CPU computes in float32". Before any update the two
     policies are the same weights: ~5e-5 apart in float32 on both sides, ~3e-3 with vLLM in bfloat16."""
-    common = dict(train__max_steps=1, train__log_completions=False)
-    fixed = workspace("fp32", **common)
-    assert fixed.run("pipeline.train").returncode == 0
-    unfixed = workspace("bf16", **common)
+    unfixed = workspace("bf16", train__max_steps=1, train__log_completions=False)
     result = _run_with(unfixed, _without("use_fp32_vllm_on_cpu"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _metric_series(fixed, "sampling/sampling_logp_difference/mean")[0] < 5e-4
+    # with the workaround: below 5e-4 (test_vllm_colocate_rollouts_agree_with_the_trainer)
     assert _metric_series(unfixed, "sampling/sampling_logp_difference/mean")[0] > 5e-4
 
 
