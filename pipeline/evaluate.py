@@ -133,7 +133,7 @@ def generate_both(params: Params, conversations, images, adapter_dir: Path) -> t
 
     `evaluate.backend: auto` uses vLLM when it is installed and falls back to transformers, saying
     why, when vLLM cannot start or cannot load the adapter; `vllm` makes either of those an error."""
-    from pipeline import generation
+    from pipeline import generation, serving
 
     requested = params.evaluate.backend
     try:
@@ -142,15 +142,15 @@ def generate_both(params: Params, conversations, images, adapter_dir: Path) -> t
         raise SystemExit(f"evaluate: error: evaluate.backend: {error}") from None
     logger.info("generation backend: %s (evaluate.backend: %s)", backend, requested)
     model, evaluation = params.model, params.evaluate
-    settings = generation.Settings(
+    settings = serving.Settings(
         revision=model.revision, dtype=model.dtype, attn_implementation=model.attn_implementation,
         max_model_len=model.max_model_len, seed=params.seed, max_new_tokens=evaluation.max_new_tokens,
         temperature=evaluation.temperature, batch_size=evaluation.batch_size)
-    requests = {name: generation.Request(adapter, f"eval {name}", lambda: (conversations, images))
+    requests = {name: serving.Request(adapter, f"eval {name}", lambda: (conversations, images))
                 for name, adapter in (("base", None), ("adapter", adapter_dir))}
     names = {id(request): name for name, request in requests.items()}
     generations, backends = {}, set()
-    for served in generation.serve(model.name_or_path, list(requests.values()), settings, backend=backend,
+    for served in serving.serve(model.name_or_path, list(requests.values()), settings, backend=backend,
                                    strict=requested == "vllm", together=True):
         if isinstance(served.error, generation.BackendUnavailable):
             raise SystemExit(f"evaluate: error: {served.error} (evaluate.backend: vllm; "

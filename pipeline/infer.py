@@ -96,10 +96,10 @@ def _base_error(base_model: str, error: Exception) -> str:
 
 def _run_group(base_model: str, revision: str, members: list[RunTarget], job: _Job) -> None:
     """One base model (one vLLM engine, or one transformers model) for all its runs' adapters."""
-    from pipeline import generation
+    from pipeline import generation, serving
 
     args, model = job.args, job.params.model
-    settings = generation.Settings(
+    settings = serving.Settings(
         revision=revision, dtype=model.dtype, attn_implementation=model.attn_implementation,
         max_model_len=model.max_model_len, seed=job.params.seed, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, batch_size=args.batch_size)
@@ -113,10 +113,10 @@ def _run_group(base_model: str, revision: str, members: list[RunTarget], job: _J
             return [job.conversation] * len(batch_images), batch_images
         return prepare
 
-    requests = [generation.Request(t.adapter, f"infer {t.run_id}", inputs(t)) for t in members]
+    requests = [serving.Request(t.adapter, f"infer {t.run_id}", inputs(t)) for t in members]
     by_request = {id(request): target for request, target in zip(requests, members, strict=True)}
     try:
-        for served in generation.serve(base_model, requests, settings, backend=args.generation_backend,
+        for served in serving.serve(base_model, requests, settings, backend=args.generation_backend,
                                        strict=args.backend == "vllm"):
             target = by_request[id(served.request)]
             done.add(target.run_id)

@@ -5,7 +5,7 @@ as `LoRARequest`s.
 adapter (one resident at a time). A whole list of prompts goes to the engine at once and vLLM
 schedules the batches itself; the prompt, image size, stop tokens and decoding are those of the
 transformers path (pipeline.generation), so the two backends' answers agree up to numerics.
-`pipeline.generation.serve` decides when this engine is used and when transformers takes over.
+`pipeline.serving.serve` decides when this engine is used and when transformers takes over.
 """
 
 from __future__ import annotations
