@@ -158,7 +158,20 @@ def generate_batched(model, processor, conversations: Sequence[list[dict]], imag
     return results
 
 
-class TransformersGenerator:
+class ClosedOnExit:
+    """A generator used in `with` is closed on the way out: its model freed, its engine shut down."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class TransformersGenerator(ClosedOnExit):
     """transformers `generate` behind the calls of `VllmGenerator`: the base model is loaded once
     (and moved to the GPU when there is one), an adapter is attached to it with peft when a generate
     call names one, one adapter resident at a time (the next is loaded, then the previous deleted, so
@@ -179,12 +192,6 @@ class TransformersGenerator:
         self._peft_model = None
         self._adapter: str | None = None  # the resident adapter's path
         self._names: dict[str, str] = {}  # adapter path → peft adapter name
-
-    def __enter__(self) -> TransformersGenerator:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         self.model = self._peft_model = None

@@ -86,11 +86,17 @@ def check_id_collisions(train: list[Candidate], evaluation: list[Candidate]) -> 
 def length_filter(candidates: list[Candidate], counter: PromptTokenCounter, budget: int,
                   ledger: Ledger) -> list[Candidate]:
     counts = counter.count([c.prompt for c in candidates], [c.image_tokens for c in candidates])
-    kept = []
     for candidate, count in zip(candidates, counts, strict=True):
         candidate.prompt_tokens = count
-        if count > budget:
-            ledger.drop("prompt_too_long", candidate.label)
+    return _drop_where(candidates, ledger, "prompt_too_long", lambda c: c.prompt_tokens > budget)
+
+
+def _drop_where(candidates: list[Candidate], ledger: Ledger, reason: str, dropped) -> list[Candidate]:
+    """The candidates kept; each one `dropped` says goes to the ledger under `reason`."""
+    kept = []
+    for candidate in candidates:
+        if dropped(candidate):
+            ledger.drop(reason, candidate.label)
         else:
             kept.append(candidate)
     return kept
@@ -119,13 +125,8 @@ def drop_untrainable(candidates: list[Candidate], ledger: Ledger) -> list[Candid
 def drop_cross_split_duplicates(candidates: list[Candidate], ledger: Ledger) -> list[Candidate]:
     """Same question on the same picture under another id would leak the eval answer into training."""
     eval_keys = {c.content_key for c in candidates if c.split == "eval"}
-    kept = []
-    for candidate in candidates:
-        if candidate.split == "train" and candidate.content_key in eval_keys:
-            ledger.drop("duplicate_of_eval_row", candidate.label)
-        else:
-            kept.append(candidate)
-    return kept
+    return _drop_where(candidates, ledger, "duplicate_of_eval_row",
+                       lambda c: c.split == "train" and c.content_key in eval_keys)
 
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.generation import (
     BackendUnavailable,
+    ClosedOnExit,
     Generation,
     chat_texts,
     error_text,
@@ -87,7 +88,7 @@ def _fit_context(model: str, revision: str, max_model_len: int) -> int:
     return max_model_len
 
 
-class VllmGenerator:
+class VllmGenerator(ClosedOnExit):
     """One vLLM engine for a base model; serves the base and any number of LoRA adapters.
 
         with VllmGenerator(model, max_model_len=..., seed=..., adapters=[a, b]) as engine:
@@ -133,12 +134,6 @@ class VllmGenerator:
         logger.info("vLLM engine for %s ready in %.1f s (dtype %s, max_model_len %d%s)", model,
                     time.perf_counter() - started, options["dtype"], max_model_len,
                     f", LoRA rank up to {options['max_lora_rank']}" if adapters else ", no LoRA")
-
-    def __enter__(self) -> VllmGenerator:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         from pipeline import compat
