@@ -156,12 +156,12 @@ def add_vllm_engine_options(**options: Any) -> None:
     vllm_generation.LLM = functools.partial(vllm_generation.LLM, **options)
 
 
-def use_fp32_vllm_on_cpu(context: dict | None = None) -> bool:
+def use_fp32_vllm_on_cpu(context: dict) -> bool:
     """TRL builds its colocated `vllm.LLM` without a dtype, and vLLM's CPU backend then downcasts a
     float32 checkpoint to bfloat16 while the trainer computes in float32: sampling and training
     log-probs disagree (TRL's sampling_logp_difference ~3e-3 instead of ~5e-5 before any update),
     which adds noise to the importance-sampling correction. Before the trainer is built; CPU only."""
-    if context is not None and not context.get("use_vllm"):
+    if not context.get("use_vllm"):
         return False
     add_vllm_engine_options(dtype="float32")
     return True
@@ -211,8 +211,8 @@ def _bar_vision_tokens_from_sampling(context: dict) -> bool:
 # ratio are computed for a context vLLM never saw: sampling_logp_difference/mean 0.56-0.73 on the
 # steps whose two prompts differ in length (7B shapes, H200), ~0.06 otherwise (docs/training.md).
 # huggingface/trl#5785 reported it; the maintainers closed it as the caller's configuration (TRL
-# left-pads only a processor it loads itself) and would take a warning, not a fix. So this is a
-# setting, not a version-guarded patch: it stays needed for as long as TRL builds the two tensors
+# left-pads only a processor it loads itself) and would take a warning, not a fix. So its guard has
+# no upper bound (every TRL from 1.0): it stays needed for as long as TRL builds the two tensors
 # apart. tests/test_logp_agreement.py fails when a right-padding processor stops mattering.
 GRPO_PROCESSOR_PADDING_SIDE = "left"
 

@@ -125,6 +125,15 @@ class DataParams(SourceParams):
 _SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
+def _fits(value: object, annotation: str) -> bool:
+    """A YAML value against a simple annotation (`int`, `float | None`, …); others are not checked."""
+    optional = annotation.endswith(" | None")
+    expected = _SIMPLE_TYPES.get(annotation.removesuffix(" | None"))
+    if expected is None or (value is None and optional):
+        return True
+    return isinstance(value, expected) and (bool in expected or not isinstance(value, bool))
+
+
 @functools.cache
 def grpo_config_fields() -> dict[str, str] | None:
     """TRL's GRPOConfig fields (its own and those it inherits from transformers' TrainingArguments)
@@ -219,9 +228,7 @@ class TrainParams(_Section):
             if key not in fields:
                 raise PydanticCustomError("train_key", "unknown key (typo?): neither this project's nor a field "
                                           "of TRL's GRPOConfig", {"key": key})
-            expected = _SIMPLE_TYPES.get(fields[key].removesuffix(" | None"))
-            if expected and not (value is None and fields[key].endswith(" | None")) and not (
-                    isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)):
+            if not _fits(value, fields[key]):
                 raise PydanticCustomError("train_key", "GRPOConfig declares it {type} (got {value!r})",
                                           {"key": key, "type": fields[key], "value": value})
         return self

@@ -33,8 +33,6 @@ logger = logging.getLogger("pipeline.train")
 LANGUAGE_MODEL_PATTERN = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.({modules})"
 
 
-
-
 def lora_target_regex(modules: list[str]) -> str:
     return LANGUAGE_MODEL_PATTERN.format(modules="|".join(re.escape(m) for m in modules))
 
@@ -81,9 +79,9 @@ def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: l
     releases); what is added here comes from elsewhere: the run, the machine, the rewards."""
     from trl import GRPOConfig
 
-    train = params.train
     from pipeline import compat
 
+    train = params.train
     generation_kwargs: dict = {}
     compat.apply("config", on_gpu=gpu, use_vllm=use_vllm, vision_token_ids=vision_token_ids,
                  generation_kwargs=generation_kwargs)
