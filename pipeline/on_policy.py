@@ -25,6 +25,7 @@ logger = logging.getLogger("pipeline.on_policy")
 SAMPLING_METRICS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
                     "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
                     "sampling/importance_sampling_ratio/max")
+MASKED_SHARE = "sampling/importance_sampling_masked_share"
 
 
 def applies(trainer: Any) -> bool:
@@ -46,12 +47,11 @@ def importance_sampling(trainer: Any, old_logps, sampling_logps, mask):
     sequence_level = mode in ("sequence_mask", "sequence_truncate")
     ratio = torch.exp(diff.sum(dim=-1, keepdim=True) if sequence_level else diff)
     low, high = trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max
+    outside = (ratio < (-math.inf if low is None else low)) | (ratio > (math.inf if high is None else high))
     if mode in ("sequence_truncate", "token_truncate"):
         ratio = torch.clamp(ratio, min=low, max=high)
     elif mode in ("sequence_mask", "token_mask"):
-        low = -math.inf if low is None else low
-        high = math.inf if high is None else high
-        ratio = ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)
+        ratio = ratio.masked_fill(outside, value=0.0)
     else:
         raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}")
 
@@ -59,6 +59,7 @@ def importance_sampling(trainer: Any, old_logps, sampling_logps, mask):
     delta = torch.abs(old_logps - sampling_logps)[keep]
     delta = delta[~torch.isnan(delta)]
     flat = ratio.flatten() if sequence_level else ratio[keep]
+    clipped = (outside.flatten() if sequence_level else outside[keep]).float()
     zero = torch.tensor(0.0, device=old_logps.device)
 
     def reduce(values, how):
@@ -71,6 +72,9 @@ def importance_sampling(trainer: Any, old_logps, sampling_logps, mask):
         SAMPLING_METRICS[2]: gather(reduce(flat, "min")).min().item(),
         SAMPLING_METRICS[3]: gather(reduce(flat, "mean")).nanmean().item(),
         SAMPLING_METRICS[4]: gather(reduce(flat, "max")).max().item(),
+        # share of sequences (tokens, in the token modes) whose ratio fell outside the clip range
+        # and was masked out (or truncated): what staleness or a sampler mismatch costs the batch
+        MASKED_SHARE: gather(reduce(clipped, "mean")).mean().item(),
     }
     return ratio, metrics
 

@@ -168,7 +168,7 @@ class TrainParams(_Section):
     # the project's own keys: they steer this project's code and never reach GRPOConfig
     PROJECT_KEYS: ClassVar[frozenset[str]] = frozenset({
         "vllm_weight_sync", "max_logp_difference", "max_logp_difference_steps", "num_processes",
-        "accelerate_config"})
+        "accelerate_config", "rollout_overlap", "rollout_timeout"})
     # GRPOConfig fields the train stage sets from elsewhere (run id, seed, rewards, the machine)
     DERIVED_KEYS: ClassVar[dict[str, str]] = {
         "output_dir": "outputs/<run_id>/checkpoints", "run_name": "run_id", "seed": "the top-level seed",
@@ -211,6 +211,10 @@ class TrainParams(_Section):
     max_logp_difference_steps: PositiveInt
     num_processes: PositiveInt | Literal["auto"]
     accelerate_config: str
+    # server mode: 1 = the server generates the next step's rollouts while this one trains (one
+    # step stale, corrected by TRL's importance sampling; pipeline/rollouts.py); 0 = in turn
+    rollout_overlap: Literal[0, 1]
+    rollout_timeout: Annotated[float, Field(gt=0.0)]  # server mode: seconds one step's rollout may take
 
     def grpo_kwargs(self) -> dict:
         """Every key of `train:` that is TRL's, as GRPOConfig takes it."""
@@ -247,6 +251,23 @@ class TrainParams(_Section):
         if self.vllm_enable_sleep_mode:
             raise ValueError("train.vllm_weight_sync: adapter needs vLLM to keep the base weights between rollouts, "
                              "which sleep mode discards: set train.vllm_enable_sleep_mode: false")
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_needs_the_server(self) -> TrainParams:
+        if not self.rollout_overlap:
+            return self
+        if not (self.use_vllm and self.vllm_mode == "server"):
+            raise ValueError("train.rollout_overlap: 1 overlaps the rollouts of a vLLM server with training: set "
+                             "train.use_vllm: true and train.vllm_mode: server (make vllm-serve)")
+        extra = self.model_extra or {}
+        if extra.get("num_iterations", 1) != 1 or extra.get("steps_per_generation") not in (
+                None, self.gradient_accumulation_steps):
+            raise ValueError("train.rollout_overlap: 1 needs one generation batch per optimizer step: leave "
+                             "num_iterations at 1 and steps_per_generation unset")
+        if self.num_processes not in (1, "auto"):
+            raise ValueError("train.rollout_overlap: 1 runs with one training process: set train.num_processes: "
+                             "1 (or auto with one visible training GPU)")
         return self
 
     @model_validator(mode="after")

@@ -44,6 +44,7 @@ def run_dirs(params: Params) -> dict[str, Path]:
         "checkpoints": root / "checkpoints",
         "adapter": root / "adapter",
         "live": root / "train_logs",
+        "rollout_weights": root / "rollout_weights",  # server mode on CPU: the weights the server reloads
     }
 
 
@@ -181,7 +182,7 @@ def train(params: Params) -> Path:
     from datasets import load_dataset
     from trl import GRPOTrainer
 
-    from pipeline import adapter_sync, compat, modeling, on_policy
+    from pipeline import adapter_sync, compat, modeling, on_policy, rollouts
     from pipeline.rewards import resolve_rewards
 
     dirs = run_dirs(params)
@@ -200,7 +201,8 @@ def train(params: Params) -> Path:
     adapter_only = use_vllm and params.train.vllm_weight_sync == "adapter"
     if adapter_only:
         adapter_sync.enable_lora_in_engine(params.lora.r, params.lora.target_modules)
-    compat.apply("engine", on_gpu=gpu, use_vllm=use_vllm)
+    compat.apply("engine", on_gpu=gpu, use_vllm=use_vllm, vllm_mode=params.train.vllm_mode,
+                 weights_dir=dirs["rollout_weights"])
 
     reward_funcs, reward_weights = resolve_rewards(params.rewards)
     reward_funcs = [guarded(func) for func in reward_funcs]
@@ -232,6 +234,8 @@ def train(params: Params) -> Path:
                  wandb_completions=params.train.log_completions and "wandb" in report_to)
     policy_adapter = adapter_sync.attach(trainer) if adapter_only else None
     on_policy.reuse_loss_forward(trainer)
+    server_rollouts = rollouts.attach(trainer, overlap=params.train.rollout_overlap,
+                                      timeout=params.train.rollout_timeout)
     trainer.add_callback(callbacks.phase_times(trainer))
 
     if resume:
@@ -243,6 +247,8 @@ def train(params: Params) -> Path:
         if is_main_process():
             (dirs["checkpoints"] / COMPLETE).write_text(f"{trainer.state.global_step}\n")
     finally:
+        if server_rollouts is not None:
+            server_rollouts.close()
         compat.shutdown_vllm(trainer)
         if policy_adapter is not None:
             policy_adapter.close()
@@ -323,6 +329,7 @@ def main() -> None:
             raise SystemExit(relaunch_distributed(params, processes))
 
     from pipeline.modeling import ModelNotAvailableError
+    from pipeline.rollouts import RolloutServerError
 
     try:
         train(params)
@@ -330,7 +337,7 @@ def main() -> None:
             torch.distributed.destroy_process_group()
     except ModelNotAvailableError as error:
         raise SystemExit(f"train: error: {error}") from None
-    except (RewardFunctionError, TrainingDiverged, RolloutMismatch) as error:
+    except (RewardFunctionError, TrainingDiverged, RolloutMismatch, RolloutServerError) as error:
         raise SystemExit(f"train: error: {error}") from None
     except torch.OutOfMemoryError as error:
         raise SystemExit(

@@ -1,0 +1,52 @@
+"""vLLM server for `train.vllm_mode: server`: TRL's own server command, on GPUs and on CPUs.
+
+`make vllm-serve` runs this. The command is TRL's (`trl.scripts.vllm_serve.build_command`: the
+flags its client relies on: weight-transfer engine, processed log-probs, multimodal endpoints),
+with the project's workarounds applied (`compat.apply("server", …)`): on a CPU machine the vLLM CPU
+build runs it in float32, like the trainer, and weights reach it through a file (see
+`compat.WORKAROUNDS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline import compat, logs
+from pipeline.modeling import cpu_vllm_environment, on_gpu
+
+
+def server_command(model: str, *, host: str, port: int, gpu_memory_utilization: float,
+                   max_model_len: int | None, gpu: bool) -> list[str]:
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+    command = build_command(ScriptArguments(model=model, host=host, port=port, max_model_len=max_model_len,
+                                            gpu_memory_utilization=gpu_memory_utilization))
+    compat.apply("server", on_gpu=gpu, command=command)
+    return command
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.rollout_server", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="Hub id or local folder: the folder the run trains from")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    args = parser.parse_args(argv)
+    logs.configure()
+    gpu = on_gpu()
+    if not gpu:
+        cpu_vllm_environment()
+    command = server_command(args.model, host=args.host, port=args.port,
+                             gpu_memory_utilization=args.gpu_memory_utilization,
+                             max_model_len=args.max_model_len, gpu=gpu)
+    # the weight-transfer, cache-reset and collective-RPC endpoints live behind vLLM's dev mode
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    sys.stdout.flush()
+    os.execve(command[0], command, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Server-mode rollouts: guarded against a failing server, and overlapped with training.
+
+With `train.rollout_overlap: 1` the vLLM server generates the next step's completions, with the
+current weights, while the trainer trains on the completions it generated a step earlier. At
+optimizer step t (one generation batch per step):
+
+1. wait for the rollout of batch t, started during step t-1 with the weights of step t-1;
+2. TRL pushes the weights of step t to the server, which is idle now;
+3. start the rollout of batch t+1 with them, in a background thread (HTTP requests to the server);
+4. hand batch t's completions to TRL, which scores and trains on them while 3 runs.
+
+A step then takes max(rollout, scoring + training) + weight sync instead of their sum. The
+completions are one step stale; TRL's vLLM importance-sampling correction (the trainer's
+log-probabilities over the sampler's, masked per sequence by default) corrects for that as it
+corrects any sampler mismatch. Logged per step: `rollout/staleness` (optimizer steps between the
+weights that sampled a batch and the weights trained on it), TRL's `sampling/importance_sampling_*`
+and `sampling/importance_sampling_masked_share` (pipeline/on_policy.py).
+
+The next batch comes from the Trainer's `get_batch_samples`, which fetches a step's batches before
+the step and here fetches one more. Nothing is in flight at the first step, after a resume (the
+batch that was in flight at a crash is generated again) or at an epoch's first step: those steps
+generate synchronously.
+
+`rollout_overlap: 0` keeps TRL's synchronous schedule, with the same guard: a server that stops
+answering is a `RolloutServerError` naming it, after `train.rollout_timeout` seconds at most.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("pipeline.rollouts")
+
+
+class RolloutServerError(RuntimeError):
+    pass
+
+
+def prompt_key(prompt_ids: list[list[int]]) -> tuple:
+    return tuple(tuple(ids) for ids in prompt_ids)
+
+
+@dataclass
+class Rollout:
+    key: tuple  # the prompt ids it answers
+    weights_step: int  # the optimizer step whose weights sampled it
+    future: Future
+
+
+def rollout_inputs(trainer: Any, rows: list[dict]) -> tuple[list[list[int]], list | None]:
+    """A generation batch's prompt ids and images, as TRL 1.16's `_generate_and_score_completions`
+    and `_generate` make them before calling vLLM (there is no TRL function to call for it). A
+    difference shows as a rollout that answers other prompts: counted in `rollout/regenerated`."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    prompts = [row["prompt"] for row in rows]
+    if "images" in rows[0]:
+        images = [row.get("images") for row in rows]
+    elif "image" in rows[0]:
+        images = [[row["image"]] if row.get("image") is not None else None for row in rows]
+    else:
+        images = None
+    if images is not None and all(image_list == [] for image_list in images):
+        images = None
+    if images is not None:
+        prompts = [prepare_multimodal_messages(prompt, images=image_list)
+                   for prompt, image_list in zip(prompts, images, strict=True)]
+    prompt_ids, images, _ = trainer._tokenize_prompts(copy.deepcopy(prompts))
+    return prompt_ids, images
+
+
+class ServerRollouts:
+    """Takes over a built GRPOTrainer's server-mode generation (instance attributes; TRL unchanged)."""
+
+    def __init__(self, trainer: Any, *, overlap: int, timeout: float):
+        from trl.extras.profiling import profiling_context
+
+        self.trainer = trainer
+        self.overlap = overlap
+        self.timeout = timeout
+        self.generation = trainer.vllm_generation
+        self.url = (self.generation.server_base_url
+                    or f"http://{self.generation.server_host}:{self.generation.server_port}")
+        self._profiling = profiling_context
+        self._generate = self.generation.generate
+        self._generate_single_turn = trainer._generate_single_turn
+        self._get_batch_samples = trainer.get_batch_samples
+        self.in_flight: Rollout | None = None
+        self.next_rows: list[dict] | None = None
+        self._peeked_from: Any = None
+        trainer._generate_single_turn = self.generate_single_turn
+        self.generation.generate = self.generate
+        if overlap:
+            trainer.get_batch_samples = self.get_batch_samples
+
+    # -- the next generation batch -----------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's batches for this step, and the first batch of the next (kept for it)."""
+        batches = []
+        if self.next_rows is not None and self._peeked_from is epoch_iterator:
+            batches.append(self.next_rows)
+        self.next_rows = None
+        if num_batches > len(batches):
+            more, _ = self._get_batch_samples(epoch_iterator, num_batches - len(batches), device)
+            batches += more
+        ahead, _ = self._get_batch_samples(epoch_iterator, 1, device)
+        self.next_rows, self._peeked_from = (ahead[0], epoch_iterator) if ahead else (None, None)
+        return batches, self.trainer._get_num_items_in_batch(batches, device)
+
+    # -- TRL's two calls -------------------------------------------------------------------------
+    def generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        """Wait for what is in flight before TRL pushes weights (the server must be idle), and check
+        the server answers at all (a weight broadcast to a dead server would wait forever)."""
+        if self.in_flight is not None:
+            with self._profiling(self.trainer, "vLLM.generate"):  # the rollout time the step still sees
+                self._wait(self.in_flight)
+        self._check_alive()
+        try:
+            return self._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
+        except RolloutServerError:
+            raise
+        except OSError as error:  # requests' ConnectionError and timeouts are OSErrors
+            raise RolloutServerError(f"the vLLM server at {self.url} failed: {error}") from error
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        """Hand back the rollout of `prompts` (started a step ago, or now), then start the next one."""
+        step = self.trainer.state.global_step
+        if not self.trainer.model.training:  # evaluation: as TRL, through the guard
+            return self._wait(self._start(prompts, images, num_generations, step))
+        rollout, self.in_flight = self.in_flight, None
+        metrics = self.trainer._metrics["train"]
+        if rollout is not None and rollout.key != prompt_key(prompts):
+            logger.warning("the rollout in flight answers other prompts than step %d's: generating again", step)
+            metrics["rollout/regenerated"].append(1.0)
+            rollout = None
+        if rollout is None:
+            rollout = self._start(prompts, images, num_generations, step)
+        result = self._wait(rollout)
+        metrics["rollout/staleness"].append(float(step - rollout.weights_step))
+        self._start_next(num_generations, step)
+        return result
+
+    # -- the background thread -------------------------------------------------------------------
+    def _start(self, prompts, images, num_generations, step: int) -> Rollout:
+        future: Future = Future()
+
+        def run():
+            try:
+                future.set_result(self._generate(prompts, images, num_generations))
+            except BaseException as error:  # handed to the training thread, which raises it
+                future.set_exception(error)
+
+        # a daemon thread: a hung server cannot keep the process from exiting
+        threading.Thread(target=run, name=f"rollout-{step}", daemon=True).start()
+        return Rollout(prompt_key(prompts), step, future)
+
+    def _start_next(self, num_generations: int, step: int) -> None:
+        state = self.trainer.state
+        if not self.overlap or self.next_rows is None or step + 1 >= state.max_steps:
+            return
+        prompts, images = rollout_inputs(self.trainer, self.next_rows)
+        self.in_flight = self._start(prompts, images, num_generations, step)
+
+    def _wait(self, rollout: Rollout):
+        started = time.perf_counter()
+        try:
+            return rollout.future.result(timeout=self.timeout)
+        except FutureTimeout:
+            raise RolloutServerError(
+                f"no rollout from the vLLM server at {self.url} within train.rollout_timeout = {self.timeout:g} s "
+                f"(waited {time.perf_counter() - started:.0f} s): is it overloaded or hung? Its log says more"
+            ) from None
+        except Exception as error:  # the thread only talks to the server (TRL raises plain Exceptions too)
+            raise RolloutServerError(f"the vLLM server at {self.url} failed while generating a rollout with the "
+                                     f"weights of step {rollout.weights_step}: {type(error).__name__}: {error}"
+                                     ) from error
+
+    def _check_alive(self) -> None:
+        import requests
+
+        try:
+            requests.get(f"{self.url}/health", timeout=min(self.timeout, 30.0)).raise_for_status()
+        except requests.RequestException as error:
+            raise RolloutServerError(f"the vLLM server at {self.url} does not answer ({error}); "
+                                     "start it with `make vllm-serve` or check its log") from None
+
+    def close(self) -> None:
+        """Nothing waits for a rollout still in flight at the end (the next run starts its own)."""
+        self.in_flight = None
+        self.next_rows = None
+
+
+def attach(trainer: Any, *, overlap: int, timeout: float) -> ServerRollouts | None:
+    """Guard (and with `overlap` 1, overlap) a built GRPOTrainer's server-mode rollouts."""
+    if not (trainer.use_vllm and trainer.vllm_generation.mode == "server"):
+        return None
+    if overlap and trainer.accelerator.num_processes > 1:
+        raise RolloutServerError(
+            "train.rollout_overlap: 1 runs with one training process (the server serves the others' "
+            f"GPUs); this run has {trainer.accelerator.num_processes}. Set train.num_processes: 1")
+    return ServerRollouts(trainer, overlap=overlap, timeout=timeout)
