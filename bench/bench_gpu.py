@@ -99,6 +99,8 @@ CONFIGS = {
     "B-fsdp2": {**TUNED, "train.accelerate_config": "configs/accelerate/fsdp2.yaml"},
     # vLLM server mode: `make vllm-serve` on one GPU after the N training GPUs, weights synced over NCCL
     "B-server": {**TUNED, "train.vllm_mode": "server"},
+    # the same with the next step's rollout generated while this one trains (pipeline/rollouts.py)
+    "B-overlap": {**TUNED, "train.vllm_mode": "server", "train.rollout_overlap": 1},
     # adapter-only sync: vLLM serves the base weights with LoRA enabled and receives the adapter alone
     "B-adapter": {**TUNED, "train.vllm_weight_sync": "adapter"},
     # a 141 GB card (as in presets/gpu-h200-qwen3-vl-8b.yaml): adapter-only sync, 2 micro-batches of 8 (half the passes)
@@ -303,7 +305,17 @@ def phase_split(history: list[dict], warmup: int, completions_per_step: int, gpu
         "completions_s_gpu": round(completions_per_step / step / gpus, 2),
         "startup_s": round(steps[0].get("time/startup", float("nan")), 1),
         "logp_diff": [round(e.get("sampling/sampling_logp_difference/mean", float("nan")), 4) for e in steps],
+        # server mode: the server's whole time per rollout (rollout_s is what the step waited for),
+        # how stale the trained batches were, and the share the importance sampling masked
+        "server_rollout_s": _rounded(_median(timed, "rollout/seconds")),
+        "staleness_max": _rounded(max((e.get("rollout/staleness", 0) for e in timed), default=None)),
+        "masked_share_max": _rounded(max((e.get("sampling/importance_sampling_masked_share", 0) for e in timed),
+                                         default=None), 3),
     }
+
+
+def _rounded(value, places: int = 2):
+    return None if value is None else round(value, places)
 
 
 def phase_floors(result: dict, floors: dict, model: dict, params: dict, gpus: int = 1) -> dict:
@@ -328,8 +340,10 @@ def phase_floors(result: dict, floors: dict, model: dict, params: dict, gpus: in
     rollout = decode_steps * (weight_bytes + sequences * mean_context * kv_bytes_per_token) / bandwidth
     train = 6 * model["parameters"] * tokens / gpus / (floors["matmul_tflop_s"] * 1e12)
     sync = weight_bytes / (floors.get("peer_gb_s", 0) * 1e9) if server else 2 * weight_bytes / bandwidth
+    # overlapped rollouts: the step waits for the longer of rollout and training, then syncs
+    step = (max(rollout, train) if params["train"].get("rollout_overlap") else rollout + train) + sync
     out = {"rollout_floor_s": round(rollout, 2), "train_floor_s": round(train, 2), "sync_floor_s": round(sync, 3),
-           "step_floor_s": round(rollout + train + sync, 2)}
+           "step_floor_s": round(step, 2)}
     for phase in ("rollout", "train", "sync", "step"):
         measured = result.get(f"{phase}_s")
         floor = out[f"{phase}_floor_s"]
@@ -496,7 +510,9 @@ COLUMNS = [("config", "config", "{}"), ("GPUs", "gpus", "{}"), ("exit", "exit_co
            ("other s", "other_s", "{:.2f}"), ("rollout tok/s", "rollout_tokens_s", "{}"),
            ("train tok/s", "train_tokens_s", "{}"), ("start s", "startup_s", "{}"), ("peak GiB", "peak_gpu_gib", "{}"),
            ("step/floor", "step_x_floor", "{}"), ("B/A", "speedup", "{}"), ("compl/s/GPU", "completions_s_gpu", "{}"),
-           ("× 1 GPU", "scaling", "{}"), ("max logp diff", "logp_diff_max", "{}")]
+           ("× 1 GPU", "scaling", "{}"), ("max logp diff", "logp_diff_max", "{}"),
+           ("server rollout s", "server_rollout_s", "{}"), ("max stale", "staleness_max", "{}"),
+           ("max masked", "masked_share_max", "{}")]
 
 
 def print_table(shape: str, floors: dict, results: list[dict]) -> None:

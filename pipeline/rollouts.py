@@ -13,8 +13,9 @@ A step then takes max(rollout, scoring + training) + weight sync instead of thei
 completions are one step stale; TRL's vLLM importance-sampling correction (the trainer's
 log-probabilities over the sampler's, masked per sequence by default) corrects for that as it
 corrects any sampler mismatch. Logged per step: `rollout/staleness` (optimizer steps between the
-weights that sampled a batch and the weights trained on it), TRL's `sampling/importance_sampling_*`
-and `sampling/importance_sampling_masked_share` (pipeline/on_policy.py).
+weights that sampled a batch and the weights trained on it), `rollout/seconds` (the server's time
+for the batch; `time/vLLM.generate` is the part the step waited for), TRL's
+`sampling/importance_sampling_*` and `sampling/importance_sampling_masked_share` (pipeline/on_policy.py).
 
 The next batch comes from the Trainer's `get_batch_samples`, which fetches a step's batches before
 the step and here fetches one more. Nothing is in flight at the first step, after a resume (the
@@ -52,6 +53,7 @@ class Rollout:
     key: tuple  # the prompt ids it answers
     weights_step: int  # the optimizer step whose weights sampled it
     future: Future
+    seconds: float = 0.0  # how long the server took for it (overlapped or not)
 
 
 def rollout_inputs(trainer: Any, rows: list[dict]) -> tuple[list[list[int]], list | None]:
@@ -144,22 +146,26 @@ class ServerRollouts:
             rollout = self._start(prompts, images, num_generations, step)
         result = self._wait(rollout)
         metrics["rollout/staleness"].append(float(step - rollout.weights_step))
+        metrics["rollout/seconds"].append(rollout.seconds)
         self._start_next(num_generations, step)
         return result
 
     # -- the background thread -------------------------------------------------------------------
     def _start(self, prompts, images, num_generations, step: int) -> Rollout:
-        future: Future = Future()
+        rollout = Rollout(prompt_key(prompts), step, Future())
 
         def run():
+            started = time.perf_counter()
             try:
-                future.set_result(self._generate(prompts, images, num_generations))
+                result = self._generate(prompts, images, num_generations)
+                rollout.seconds = time.perf_counter() - started
+                rollout.future.set_result(result)
             except BaseException as error:  # handed to the training thread, which raises it
-                future.set_exception(error)
+                rollout.future.set_exception(error)
 
         # a daemon thread: a hung server cannot keep the process from exiting
         threading.Thread(target=run, name=f"rollout-{step}", daemon=True).start()
-        return Rollout(prompt_key(prompts), step, future)
+        return rollout
 
     def _start_next(self, num_generations: int, step: int) -> None:
         state = self.trainer.state
