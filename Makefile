@@ -68,7 +68,7 @@ PIPELINE_TARGETS := train repro evaluate infer bench bench-gpu
 $(PIPELINE_TARGETS):
 	+@$(RUN_SH) $@
 
-.PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-gpu infer image shell image-train image-repro \
+.PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-overlap bench-gpu infer image shell image-train image-repro \
         _train _repro _evaluate _bench _bench-gpu _infer
 
 help:  ## list the targets
@@ -130,6 +130,9 @@ _bench: setup
 
 bench-demo: setup  ## the demo pipeline over 3 seeds: does it learn? (~6 min; table into docs/performance.md)
 	$(PYTHON) bench/bench_demo.py --write
+
+bench-overlap: setup  ## the demo's training over 3 seeds, synchronous vs overlapped server rollouts (CPU server; docs/performance.md)
+	$(PYTHON) bench/bench_overlap.py --write
 
 bench-gpu:  ## GRPO step time with floors: make bench-gpu [SHAPE=qwen3_vl-8b] [CONFIGS=B-tuned@2,B-server] [NPROC=2]
 _bench-gpu:

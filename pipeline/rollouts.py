@@ -28,6 +28,7 @@ answering is a `RolloutServerError` naming it, after `train.rollout_timeout` sec
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -135,7 +136,8 @@ class ServerRollouts:
         """Hand back the rollout of `prompts` (started a step ago, or now), then start the next one."""
         step = self.trainer.state.global_step
         if not self.trainer.model.training:  # evaluation: as TRL, through the guard
-            return self._wait(self._start(prompts, images, num_generations, step))
+            with profiler or contextlib.nullcontext():
+                return self._wait(self._start(prompts, images, num_generations, step))
         rollout, self.in_flight = self.in_flight, None
         metrics = self.trainer._metrics["train"]
         if rollout is not None and rollout.key != prompt_key(prompts):
@@ -144,7 +146,8 @@ class ServerRollouts:
             rollout = None
         if rollout is None:
             rollout = self._start(prompts, images, num_generations, step)
-        result = self._wait(rollout)
+        with profiler or contextlib.nullcontext():  # TRL's `vLLM.generate` timer: the part still waited for
+            result = self._wait(rollout)
         metrics["rollout/staleness"].append(float(step - rollout.weights_step))
         metrics["rollout/seconds"].append(rollout.seconds)
         self._start_next(num_generations, step)

@@ -1,0 +1,158 @@
+"""Does the demo learn as well with overlapped rollouts? `make bench-overlap` (or `bench/bench_overlap.py`).
+
+Runs the demo's train stage (DVC experiment, `prepare → train`) per seed twice against one vLLM
+server process (`python -m pipeline.rollout_server`, the CPU build here): synchronous server mode
+(`train.rollout_overlap: 0`) and overlapped (`1`, rollouts one step stale). Prints per run the
+mean training reward over the first and last thirds of the steps, the largest staleness, the mean
+share of sequences the importance sampling masked, and the mean vLLM-vs-trainer log-prob
+difference; then, per mode, the mean and spread over seeds of the last third's reward. The target
+(issue 22): the overlapped last-third reward within the seeds' spread of the synchronous one.
+`--write` replaces the table in docs/performance.md ("Overlapped rollouts").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from bench_demo import copy_working_tree, cpu_name, thirds
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "performance.md"
+START, END = "<!-- bench_overlap:start -->", "<!-- bench_overlap:end -->"
+MODEL = "assets/embedded/tiny-qwen2_5_vl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(work: Path, port: int, log: Path) -> subprocess.Popen:
+    import requests
+
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.rollout_server", "--model", MODEL, "--port", str(port),
+                                "--max-model-len", "1024"], cwd=work, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"bench_overlap: the vLLM server exited with {process.returncode}; see {log}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise SystemExit(f"bench_overlap: the vLLM server did not answer within 300 s; see {log}")
+
+
+def run(work: Path, seed: int, overlap: int, port: int) -> dict:
+    run_id = f"seed{seed}-overlap{overlap}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1"}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pipeline.experiments", "--run-id", run_id, "--preset", "demo",
+                             "--set", f"seed={seed}", "--set", "train.vllm_mode=server",
+                             "--set", f"train.vllm_server_port={port}", "--set", f"train.rollout_overlap={overlap}",
+                             "train"], cwd=work, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_overlap: {run_id} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    history = json.loads((work / "outputs" / run_id / "train_logs" / "log_history.json").read_text())
+    steps = [entry for entry in history if "reward" in entry]
+    rewards = [entry["reward"] for entry in steps]
+    first, last = thirds(rewards)
+
+    def mean(key: str) -> float:
+        return statistics.fmean(entry.get(key, 0.0) for entry in steps)
+
+    return {"seed": seed, "overlap": overlap, "steps": len(steps), "first": first, "last": last,
+            "staleness": max(entry.get("rollout/staleness", 0.0) for entry in steps),
+            "masked": mean("sampling/importance_sampling_masked_share"),
+            "logp_diff": mean("sampling/sampling_logp_difference/mean"),
+            "seconds": time.perf_counter() - started, "rewards": rewards}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| seed | rollouts | steps | reward, first third | reward, last third | max staleness | masked share "
+             "(mean) | logp difference (mean) | run s |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mode = "overlapped" if r["overlap"] else "synchronous"
+        lines.append(f"| {r['seed']} | {mode} | {r['steps']} | {r['first']:.3f} | {r['last']:.3f} "
+                     f"| {r['staleness']:.0f} | {r['masked']:.3f} | {r['logp_diff']:.4f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> tuple[str, bool]:
+    by_mode = {mode: [r["last"] for r in rows if r["overlap"] == mode] for mode in (0, 1)}
+    sync, over = by_mode[0], by_mode[1]
+    spread = statistics.stdev(sync) if len(sync) > 1 else 0.0
+    within = abs(statistics.fmean(over) - statistics.fmean(sync)) <= spread
+    text = (f"Last-third reward over {len(sync)} seeds: synchronous {statistics.fmean(sync):.3f} ± {spread:.3f} "
+            f"(sd over seeds), overlapped {statistics.fmean(over):.3f}"
+            + (f" ± {statistics.stdev(over):.3f}" if len(over) > 1 else "")
+            + f": difference {statistics.fmean(over) - statistics.fmean(sync):+.3f}, "
+            + ("within" if within else "outside") + " the synchronous runs' spread.")
+    return text, within
+
+
+def write_doc(text: str) -> None:
+    doc = DOC.read_text()
+    if START not in doc or END not in doc:
+        raise SystemExit(f"bench_overlap: {DOC} has no {START} … {END} section to replace")
+    head, rest = doc.split(START, 1)
+    DOC.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="42,1,2")
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/performance.md")
+    parser.add_argument("--out", type=Path, help="also write every run's rewards per step as JSON here")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"bench_overlap: {cpu_name()}, {os.cpu_count()} cores; seeds {seeds}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-overlap-") as tmp:
+        work = Path(tmp) / "repo"
+        copy_working_tree(work)
+        build = subprocess.run([sys.executable, "-m", "pipeline.embedded"], cwd=work, capture_output=True, text=True)
+        if build.returncode != 0:
+            raise SystemExit(f"bench_overlap: building the embedded default failed:\n{build.stderr[-4000:]}")
+        port = free_port()
+        server = start_server(work, port, Path(tmp) / "server.log")
+        try:
+            for seed in seeds:
+                for overlap in (0, 1):
+                    rows.append(run(work, seed, overlap, port))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    text, within = summary(rows)
+    report = (f"Measured {date.today().isoformat()} on {cpu_name()} ({os.cpu_count()} cores), "
+              f"`bench/bench_overlap.py --seeds {args.seeds}` (demo preset, vLLM CPU server, one process for both "
+              f"modes).\n\n{table(rows)}\n\n{text}")
+    print("\n" + report)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.write:
+        write_doc(report)
+        print(f"bench_overlap: table written to {DOC}")
+    if not within:
+        print("bench_overlap: the overlapped runs' reward is outside the synchronous runs' spread", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
