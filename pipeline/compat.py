@@ -3,7 +3,8 @@
 `WORKAROUNDS` (at the end) lists each one: the library and versions (and platform) it applies to,
 its upstream issue or the reason there is none, the test that fails once it is no longer needed,
 and the function that applies it. `apply(point, **context)` runs, at one point of the train stage,
-the entries whose guard holds (the evaluate and inference engines apply `inference_engine`).
+the entries whose guard holds (the evaluate and inference engines apply `inference_engine`,
+`make vllm-serve` (pipeline/rollout_server.py) applies `server` to the server's command).
 tests/test_compat.py checks that every entry has a guard, a link or a reason, and a test that
 exists. A pin raised past an entry's versions switches it off, and its test then says whether it
 is still needed. The CPU environment's own fix-up (torchvision's CUDA-built native library next to

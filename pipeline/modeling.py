@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,9 @@ def vllm_dtype(dtype: str) -> str:
     return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
+MAX_RPC_DIR_LENGTH = 64  # vLLM's IPC sockets are <dir>/<uuid4>: 107 bytes at most on Linux
+
+
 def cpu_vllm_environment() -> None:
     """vLLM's CPU backend: a KV cache size of its own (the default fraction counts the trainer's
     memory and fails), in-process engine (start 1 s, not 12 s), caches inside the workspace.
@@ -203,7 +207,10 @@ def cpu_vllm_environment() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     cache = Path(".cache").resolve()
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(cache / "vllm-rpc"))
+    rpc = cache / "vllm-rpc"
+    if len(str(rpc)) > MAX_RPC_DIR_LENGTH:  # a socket path (dir + 37) must fit 107 bytes: deep folders cannot
+        rpc = Path(tempfile.gettempdir()) / f"vllm-rpc-{os.getuid()}"
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(rpc))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     Path(os.environ["VLLM_RPC_BASE_PATH"]).mkdir(parents=True, exist_ok=True)
 

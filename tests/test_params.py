@@ -110,6 +110,9 @@ MALFORMED = [
     ("train.vllm_max_model_length", 2048, "train.vllm_max_model_length", "model.max_model_len"),
     ("train.vllm_weight_sync", "lora", "train.vllm_weight_sync", "'merged' or 'adapter'"),
     ("train.vllm_weight_sync", "adapter", "train", "train.vllm_enable_sleep_mode: false"),  # sleep drops weights
+    ("train.rollout_overlap", 1, "train", "train.vllm_mode: server"),  # overlap needs a server
+    ("train.rollout_overlap", 2, "train.rollout_overlap", "0 or 1"),
+    ("train.rollout_timeout", 0, "train.rollout_timeout", "greater than 0"),
     # `train:` takes any field of TRL's GRPOConfig, checked by name and simple type without importing TRL
     ("train.top_kk", 5, "train.top_kk", "unknown key"),
     ("train.top_k", "5", "train.top_k", "GRPOConfig declares it int"),
@@ -124,6 +127,20 @@ def test_malformed_params_name_the_key(key, value, named, reason):
         parse_params(_set(SHIPPED, key, value))
     message = str(error.value)
     assert f": {named}" in message and reason in message, message
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"num_iterations": 2}, "num_iterations at 1"),
+    ({"steps_per_generation": 4}, "steps_per_generation unset"),
+    ({"num_processes": 2}, "one training process"),
+])
+def test_overlapped_rollouts_refuse_what_they_cannot_schedule(extra, reason):
+    raw = _set(_set(SHIPPED, "train.vllm_mode", "server"), "train.rollout_overlap", 1)
+    parse_params(raw)  # the server and one generation batch per step: accepted
+    for key, value in extra.items():
+        raw = _set(raw, f"train.{key}", value)
+    with pytest.raises(ParamsError, match=reason):
+        parse_params(raw)
 
 
 @pytest.mark.parametrize(("key", "value", "named", "reason"), MALFORMED[:11], ids=[m[0] for m in MALFORMED[:11]])
