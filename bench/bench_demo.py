@@ -98,12 +98,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
+def write_doc(text: str, start: str = START, end: str = END) -> None:
+    """Replace what stands between the `start` and `end` markers of docs/performance.md."""
     doc = DOC.read_text()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"bench_demo: {DOC} has no {START} … {END} section to replace")
-    head, rest = doc.split(START, 1)
-    DOC.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    if start not in doc or end not in doc:
+        raise SystemExit(f"bench: {DOC} has no {start} … {end} section to replace")
+    head, rest = doc.split(start, 1)
+    DOC.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:

@@ -384,22 +384,12 @@ class VllmServer:
         self.log = log
 
     def __enter__(self):
-        import requests
+        from pipeline.rollout_server import wait_until_up
 
         with self.log.open("w") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        started = time.perf_counter()
-        while time.perf_counter() - started < 600:
-            if self.process.poll() is not None:
-                raise SystemExit(f"bench: the vLLM server exited with {self.process.returncode}; see {self.log}")
-            try:
-                if requests.get(f"http://127.0.0.1:{SERVER_PORT}/health", timeout=2).status_code == 200:
-                    self.startup_s = round(time.perf_counter() - started, 1)
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        raise SystemExit(f"bench: the vLLM server did not answer within 600 s; see {self.log}")
+        self.startup_s = round(wait_until_up(f"http://127.0.0.1:{SERVER_PORT}", self.process, 600, self.log), 1)
+        return self
 
     def __exit__(self, *exc):
         import signal

@@ -24,10 +24,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-from bench_demo import copy_working_tree, cpu_name, thirds
+from bench_demo import copy_working_tree, cpu_name, thirds, write_doc
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "performance.md"
+sys.path.insert(0, str(REPO))
 START, END = "<!-- bench_overlap:start -->", "<!-- bench_overlap:end -->"
 MODEL = "assets/embedded/tiny-qwen2_5_vl"
 
@@ -39,22 +39,16 @@ def free_port() -> int:
 
 
 def start_server(work: Path, port: int, log: Path) -> subprocess.Popen:
-    import requests
+    from pipeline.rollout_server import wait_until_up
 
     process = subprocess.Popen([sys.executable, "-m", "pipeline.rollout_server", "--model", MODEL, "--port", str(port),
                                 "--max-model-len", "1024"], cwd=work, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"bench_overlap: the vLLM server exited with {process.returncode}; see {log}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise SystemExit(f"bench_overlap: the vLLM server did not answer within 300 s; see {log}")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", process, 300, log)
+    except SystemExit:
+        process.kill()
+        raise
+    return process
 
 
 def run(work: Path, seed: int, overlap: int, port: int) -> dict:
@@ -125,14 +119,6 @@ def summary(rows: list[dict]) -> tuple[str, bool]:
     return text, within
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"bench_overlap: {DOC} has no {START} … {END} section to replace")
-    head, rest = doc.split(START, 1)
-    DOC.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="42,1,2")
@@ -167,8 +153,8 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     if args.write:
-        write_doc(report)
-        print(f"bench_overlap: table written to {DOC}")
+        write_doc(report, START, END)
+        print("bench_overlap: table written to docs/performance.md")
     if not within:
         print("bench_overlap: the overlapped runs' reward is outside the synchronous runs' spread", file=sys.stderr)
 

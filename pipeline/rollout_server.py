@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 from pipeline import compat, logs
 from pipeline.modeling import cpu_vllm_environment, on_gpu
@@ -25,6 +28,24 @@ def server_command(model: str, *, host: str, port: int, gpu_memory_utilization: 
                                             gpu_memory_utilization=gpu_memory_utilization))
     compat.apply("server", on_gpu=gpu, command=command)
     return command
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path) -> float:
+    """Seconds until the server at `url` answers /health; SystemExit naming its log if it exits first
+    or does not answer within `timeout` (a first start compiles: minutes on big models)."""
+    import requests
+
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if process.poll() is not None:
+            raise SystemExit(f"the vLLM server exited with {process.returncode}; see {log}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"the vLLM server did not answer within {timeout:g} s; see {log}")
 
 
 def main(argv: list[str] | None = None) -> None:

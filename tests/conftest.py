@@ -93,6 +93,27 @@ class Workspace:
             assert result.returncode == 0, f"{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         return result
 
+    def kill_train_at(self, checkpoint: Path, timeout: float = 300) -> None:
+        """Start the train stage and kill -9 it once `checkpoint` is written: a crash mid-run."""
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        log = self.root / "killed-train.log"
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=self.root, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        deadline = time.time() + timeout
+        while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        ended = process.poll() is not None
+        if not ended:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert not ended, f"the run ended before the kill:\n{log.read_text()[-4000:]}"
+        assert checkpoint.exists(), f"no checkpoint before the kill:\n{log.read_text()[-4000:]}"
+
 
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, embedded_root) -> Path:

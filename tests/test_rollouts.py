@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from pipeline.rollout_server import wait_until_up
+
 MODEL = "assets/embedded/tiny-qwen2_5_vl"
 # a high learning rate moves the policy fast, so a server that lags it shows at once; no dropout
 # (active in the trainer only, it would differ from vLLM by itself)
@@ -36,20 +38,7 @@ class Server:
                                          "--port", str(self.port), "--max-model-len", "1024"], cwd=root, env=env,
                                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.log = log
-        self._wait_until_up()
-
-    def _wait_until_up(self) -> None:
-        import requests
-
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert self.process.poll() is None, f"the server exited: {self.log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(1)
-        raise AssertionError(f"the server did not start: {self.log.read_text()[-3000:]}")
+        wait_until_up(f"http://127.0.0.1:{self.port}", self.process, 300, log)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -98,16 +87,7 @@ def test_overlapped_rollouts_are_one_step_stale_corrected_and_resume_after_kill(
     # run's mismatch guard (train.max_logp_difference), which then stops it, as it should
     ws = workspace("over", train__vllm_server_port=server.port, train__rollout_overlap=1,
                    **{**FAST, "train__max_steps": 6, "train__learning_rate": 3e-3})
-    log = ws.root / "killed.log"
-    process = _train(ws, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    checkpoint = ws.root / "outputs" / "over" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert process.poll() is None, f"the run ended before the kill:\n{log.read_text()[-4000:]}"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert checkpoint.exists(), "no checkpoint before the kill"
+    ws.kill_train_at(ws.root / "outputs" / "over" / "checkpoints" / "checkpoint-4" / "trainer_state.json")
     assert not (ws.root / "outputs" / "over" / "adapter").exists()
 
     result = ws.run("pipeline.train")

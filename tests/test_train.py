@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -251,16 +249,7 @@ def test_resume_after_kill_gives_the_same_adapter(workspace):
     straight.run("pipeline.train")
 
     crashed = workspace("crashed", **common)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=crashed.root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = crashed.root / "outputs" / "crashed" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert checkpoint.exists(), "no checkpoint before the kill"
+    crashed.kill_train_at(crashed.root / "outputs" / "crashed" / "checkpoints" / "checkpoint-2" / "trainer_state.json")
     assert not (crashed.root / "outputs" / "crashed" / "adapter").exists()
     result = crashed.run("pipeline.train")
     assert "resuming from" in result.stderr
