@@ -23,7 +23,9 @@ batch that was in flight at a crash is generated again) or at an epoch's first s
 generate synchronously.
 
 `rollout_overlap: 0` keeps TRL's synchronous schedule, with the same guard: a server that stops
-answering is a `RolloutServerError` naming it, after `train.rollout_timeout` seconds at most.
+answering is a `RolloutServerError` naming it, after `train.rollout_timeout` seconds at most (with
+one training process; with several, TRL gathers every process's prompts inside the rollout, so it
+runs on the training thread and only the health check before each weight push guards it).
 """
 
 from __future__ import annotations
@@ -166,8 +168,10 @@ class ServerRollouts:
             except BaseException as error:  # handed to the training thread, which raises it
                 rollout.future.set_exception(error)
 
-        # a daemon thread: a hung server cannot keep the process from exiting
-        threading.Thread(target=run, name=f"rollout-{step}", daemon=True).start()
+        if self.trainer.accelerator.num_processes > 1:
+            run()  # TRL gathers the prompts of every process here: collectives stay on the training thread
+        else:  # a daemon thread: a hung server cannot keep the process from exiting
+            threading.Thread(target=run, name=f"rollout-{step}", daemon=True).start()
         return rollout
 
     def _start_next(self, num_generations: int, step: int) -> None:
