@@ -47,6 +47,14 @@ def copy_working_tree(dest: Path) -> None:
     subprocess.run(["git", "commit", "-q", "-m", "bench"], cwd=dest, check=True, env=env)
 
 
+def copy_with_embedded(work: Path) -> None:
+    """The working tree copied to `work`, with the embedded default (tiny models, dataset) built there."""
+    copy_working_tree(work)
+    build = subprocess.run([sys.executable, "-m", "pipeline.embedded"], cwd=work, capture_output=True, text=True)
+    if build.returncode != 0:
+        raise SystemExit(f"bench: building the embedded default failed:\n{build.stderr[-4000:]}")
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -119,10 +127,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
         work = Path(tmp) / "repo"
-        copy_working_tree(work)
-        build = subprocess.run([sys.executable, "-m", "pipeline.embedded"], cwd=work, capture_output=True, text=True)
-        if build.returncode != 0:
-            raise SystemExit(f"bench_demo: building the embedded default failed:\n{build.stderr[-4000:]}")
+        copy_with_embedded(work)
         for seed in seeds:
             rows.append(run_seed(work, seed))
             print(table(rows[-1:]).splitlines()[-1], flush=True)

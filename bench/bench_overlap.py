@@ -24,7 +24,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from bench_demo import copy_working_tree, cpu_name, thirds, write_doc
+from bench_demo import copy_with_embedded, cpu_name, thirds, write_doc
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -130,10 +130,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-overlap-") as tmp:
         work = Path(tmp) / "repo"
-        copy_working_tree(work)
-        build = subprocess.run([sys.executable, "-m", "pipeline.embedded"], cwd=work, capture_output=True, text=True)
-        if build.returncode != 0:
-            raise SystemExit(f"bench_overlap: building the embedded default failed:\n{build.stderr[-4000:]}")
+        copy_with_embedded(work)
         port = free_port()
         server = start_server(work, port, Path(tmp) / "server.log")
         try:
