@@ -43,6 +43,9 @@ from typing import Any
 logger = logging.getLogger("pipeline.rollouts")
 
 
+HEALTH_EVERY = 5.0  # seconds between health checks while a rollout is awaited
+
+
 class RolloutServerError(RuntimeError):
     pass
 
@@ -182,18 +185,21 @@ class ServerRollouts:
         self.in_flight = self._start(prompts, images, num_generations, step)
 
     def _wait(self, rollout: Rollout):
+        """The rollout's result; the server's health is checked every HEALTH_EVERY seconds meanwhile, so a
+        dead server stops the run at once (TRL's client retries a refused connection for ~60 s)."""
         started = time.perf_counter()
-        try:
-            return rollout.future.result(timeout=self.timeout)
-        except FutureTimeout:
-            raise RolloutServerError(
-                f"no rollout from the vLLM server at {self.url} within train.rollout_timeout = {self.timeout:g} s "
-                f"(waited {time.perf_counter() - started:.0f} s): is it overloaded or hung? Its log says more"
-            ) from None
-        except Exception as error:  # the thread only talks to the server (TRL raises plain Exceptions too)
-            raise RolloutServerError(f"the vLLM server at {self.url} failed while generating a rollout with the "
-                                     f"weights of step {rollout.weights_step}: {type(error).__name__}: {error}"
-                                     ) from error
+        while (waited := time.perf_counter() - started) < self.timeout:
+            try:
+                return rollout.future.result(timeout=min(HEALTH_EVERY, self.timeout - waited))
+            except FutureTimeout:
+                self._check_alive()
+            except Exception as error:  # the thread only talks to the server (TRL raises plain Exceptions too)
+                raise RolloutServerError(f"the vLLM server at {self.url} failed while generating a rollout with "
+                                         f"the weights of step {rollout.weights_step}: {type(error).__name__}: "
+                                         f"{error}") from error
+        raise RolloutServerError(
+            f"no rollout from the vLLM server at {self.url} within train.rollout_timeout = {self.timeout:g} s: "
+            "it answers but does not finish: overloaded or hung? Its log says more")
 
     def _check_alive(self) -> None:
         import requests

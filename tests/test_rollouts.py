@@ -147,19 +147,22 @@ def test_a_server_that_dies_mid_run_is_a_named_error(workspace, server):
     within seconds, and writes no adapter. Last in this file: it kills the module's server."""
     doomed = server
     ws = workspace("dies", train__vllm_server_port=doomed.port, train__rollout_overlap=1,
-                   **{**FAST, "train__max_steps": 40})
-    process = _train(ws, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   **{**FAST, "train__max_steps": 40, "train__learning_rate": 3e-3})
+    log = ws.root / "train.log"
+    process = _train(ws, stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: a full pipe would block it
     try:
         first_checkpoint = ws.root / "outputs" / "dies" / "checkpoints" / "checkpoint-2"
         deadline = time.time() + 300
         while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.2)
+        assert process.poll() is None, log.read_text()[-3000:]
         doomed.kill()
-        _, stderr = process.communicate(timeout=120)  # not a hang
+        process.wait(timeout=120)  # not a hang
     finally:
         doomed.kill()
         if process.poll() is None:
             process.kill()
+    stderr = log.read_text()
     assert process.returncode == 1, stderr[-3000:]
     assert f"train: error: the vLLM server at http://127.0.0.1:{doomed.port}" in stderr, stderr[-3000:]
     assert not (ws.root / "outputs" / "dies" / "adapter").exists()
