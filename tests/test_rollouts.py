@@ -142,6 +142,28 @@ def test_the_server_command_is_trls_with_the_cpu_fixes():
     assert gpu == trls
 
 
+@pytest.mark.parametrize(("mode", "masked_share"), [("sequence_mask", 1 / 3), ("token_mask", 2 / 6),
+                                                    ("sequence_truncate", 1 / 3)])
+def test_the_masked_share_counts_what_the_correction_cuts(mode, masked_share):
+    """Three sequences of two tokens; one sequence's ratio (e^2) and two tokens' (e^1.2, e^-2.5) fall
+    outside [0.1, 3]: the share logged next to TRL's importance-sampling ratios."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.on_policy import MASKED_SHARE, importance_sampling
+
+    trainer = SimpleNamespace(vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.1,
+                              vllm_importance_sampling_clip_max=3.0,
+                              accelerator=SimpleNamespace(gather=lambda tensor: tensor.reshape(1)))
+    old = torch.tensor([[1.2, -1.2], [1.0, 1.0], [-2.5, 0.4]])
+    sampled = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    ratio, metrics = importance_sampling(trainer, old, sampled, torch.ones(3, 2))
+    assert metrics[MASKED_SHARE] == pytest.approx(masked_share)
+    if mode == "sequence_mask":
+        assert ratio.flatten().tolist() == pytest.approx([1.0, 0.0, float(torch.exp(torch.tensor(-2.1)))])
+
+
 def test_a_server_that_dies_mid_run_is_a_named_error(workspace, server):
     """Killed while it generates the next step's rollout: the run stops with the server named,
     within seconds, and writes no adapter. Last in this file: it kills the module's server."""
@@ -166,3 +188,4 @@ def test_a_server_that_dies_mid_run_is_a_named_error(workspace, server):
     assert process.returncode == 1, stderr[-3000:]
     assert f"train: error: the vLLM server at http://127.0.0.1:{doomed.port}" in stderr, stderr[-3000:]
     assert not (ws.root / "outputs" / "dies" / "adapter").exists()
+
