@@ -149,10 +149,11 @@ _infer: setup
 compare: setup  ## every run's headline metrics and differing params (all of them: dvc exp show)
 	@$(PYTHON) -m pipeline.compare
 
-vllm-serve:  ## vLLM server for train.vllm_mode=server on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…] [MAX_MODEL_LEN=…]
+vllm-serve:  ## vLLM server for train.vllm_mode=server on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…] [MAX_MODEL_LEN=…] [ENFORCE_EAGER=1]
 	CUDA_VISIBLE_DEVICES=$(or $(GPUS),0) HIP_VISIBLE_DEVICES=$(or $(GPUS),0) \
 	  $(PYTHON) -m pipeline.rollout_server --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000) \
-	  --gpu-memory-utilization $(or $(GPU_MEMORY),0.9) $(if $(MAX_MODEL_LEN),--max-model-len $(MAX_MODEL_LEN))
+	  --gpu-memory-utilization $(or $(GPU_MEMORY),0.9) $(if $(MAX_MODEL_LEN),--max-model-len $(MAX_MODEL_LEN)) \
+	  $(if $(ENFORCE_EAGER),--enforce-eager)
 
 test: setup  ## the test suite (CPU, no network)
 	$(PYTHON) -m pytest

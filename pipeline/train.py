@@ -337,8 +337,14 @@ def main() -> None:
             torch.distributed.destroy_process_group()
     except ModelNotAvailableError as error:
         raise SystemExit(f"train: error: {error}") from None
-    except (RewardFunctionError, TrainingDiverged, RolloutMismatch, RolloutServerError) as error:
+    except (RewardFunctionError, TrainingDiverged, RolloutMismatch) as error:
         raise SystemExit(f"train: error: {error}") from None
+    except RolloutServerError as error:
+        # the stage has cleaned up (its `finally`); what is left is TRL's client retrying the gone server
+        # for ~60 s in its worker threads, which a normal exit would wait for: leave them
+        print(f"train: error: {error}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)
     except torch.OutOfMemoryError as error:
         raise SystemExit(
             f"train: error: out of GPU memory ({str(error).splitlines()[0]}). Lower "
