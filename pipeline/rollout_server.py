@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true",
-                        help="no torch.compile nor CUDA graphs: starts faster, decodes slower (the tiny model on "
-                             "2 CPU cores: up in 17 s instead of 34 s; the CPU server tests took as long in all)")
+                        help="no torch.compile nor CUDA graphs: starts faster, decodes slower")
     args = parser.parse_args(argv)
     logs.configure()
     gpu = on_gpu()
