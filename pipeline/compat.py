@@ -134,12 +134,17 @@ def _no_input_embeddings():
     raise NotImplementedError("frozen vision tower: kept out of the backward pass (pipeline.compat)")
 
 
+def _merged_weights(named_params) -> dict:
+    """TRL's (name, tensor) stream of the merged policy, as CPU copies: TRL merges the LoRA adapter
+    while iterating and unmerges it in place afterwards, so the tensors must be copied as they come."""
+    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in named_params}
+
+
 def _cpu_sync_weights(generation) -> None:
     """vLLM's CPU backend repacks linear weights after loading, so TRL's per-tensor `load_weights`
     fails ('Parameter' object has no attribute 'weight_loader'). Reload the full set through the
     model runner instead, then drop the prefix and encoder caches that still hold the old weights."""
-    # clone: TRL merges the LoRA adapter while iterating and unmerges in place afterwards
-    weights = [(name, tensor.detach().clone()) for name, tensor in generation._iter_named_params()]
+    weights = list(_merged_weights(generation._iter_named_params()).items())
     runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
     runner.reload_weights(weights_iterator=weights)
     generation.llm.reset_prefix_cache()
@@ -212,8 +217,7 @@ def _server_weights_through_a_file(context: dict) -> bool:
 
     def update_named_params(self, metadata, named_params):
         folder.mkdir(parents=True, exist_ok=True)
-        # clone: TRL merges the LoRA adapter while iterating and unmerges in place afterwards
-        weights = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in named_params}
+        weights = _merged_weights(named_params)
         partial = folder / "model.safetensors.partial"
         save_file(weights, str(partial))
         os.replace(partial, folder / "model.safetensors")  # the server never reads half a file
