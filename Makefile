@@ -15,7 +15,6 @@ RUN_ID   ?=
 PRESET   ?=
 NPROC    ?=
 MODEL    ?= $(shell $(PYTHON) -c "from pipeline.params import load_params; print(load_params().model.name_or_path)" 2>/dev/null)
-PRESET_FILE = $(if $(PRESET),presets/$(PRESET).yaml)
 
 # Keep every cache inside the workspace and nothing phoning home.
 export PATH
@@ -64,12 +63,12 @@ CHECK_VENDOR     = case "$(VENDOR)" in rocm|cuda|cpu) ;; *) echo "error: VENDOR 
 RUN_SH           = bash docker/run.sh --vendor $(VENDOR) --image $(GPU_IMAGE) --uid $(IMAGE_UID)
 
 # ---- where the pipeline targets run: here or in the image, decided by docker/run.sh ------------
-PIPELINE_TARGETS := train repro evaluate infer bench bench-gpu
+PIPELINE_TARGETS := train repro evaluate sweep infer bench bench-gpu
 $(PIPELINE_TARGETS):
 	+@$(RUN_SH) $@
 
 .PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-overlap bench-gpu infer image shell image-train image-repro \
-        _train _repro _evaluate _bench _bench-gpu _infer
+        sweep _train _repro _evaluate _sweep _bench _bench-gpu _infer
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -90,17 +89,18 @@ else
 	@bash scripts/setup_cpu_env.sh
 endif
 
-check: setup  ## validate params.yaml (with PRESET=… and RUN_ID=… applied) in a few seconds
-	@$(PYTHON) -m pipeline.params $(if $(PRESET),--preset $(PRESET_FILE)) $(if $(RUN_ID),--set run_id=$(RUN_ID))
+check: setup  ## validate what `make train` with the same PRESET=… RUN_ID=… would run, in a few seconds
+	@$(PYTHON) -m pipeline.experiments --check $(if $(PRESET),--preset '$(PRESET)') $(if $(RUN_ID),--run-id '$(RUN_ID)')
 
-embedded: setup  ## build the tiny models and the synthetic dataset under assets/embedded
-	@$(PYTHON) -m pipeline.embedded
+embedded: setup  ## build the tiny models and the synthetic dataset under assets/embedded (the DVC stage)
+	@dvc repro embedded
 
 # One run = one DVC experiment named after its run id: the committed params.yaml plus the
 # preset's overrides (dvc exp run -S). DVC skips every stage whose inputs did not change.
-RUN = $(PYTHON) -m pipeline.experiments $(if $(NPROC),--set train.num_processes=$(NPROC))
+# FORCE=1 removes a finished run of the same id first (otherwise it is kept until the rerun succeeds).
+RUN = $(PYTHON) -m pipeline.experiments $(if $(NPROC),--set train.num_processes=$(NPROC)) $(if $(FORCE),--force)
 
-demo: embedded  ## run the whole pipeline on the embedded default (CPU, no Hub)
+demo: setup  ## run the whole pipeline on the embedded default (CPU, no Hub)
 	@$(RUN) --run-id demo --preset demo
 	@$(PYTHON) -m pipeline.summary demo
 
@@ -108,20 +108,23 @@ demo: embedded  ## run the whole pipeline on the embedded default (CPU, no Hub)
 train:  ## make train RUN_ID=v1 [PRESET=demo] [NPROC=8]: reproduce the train stage (and what it needs)
 _train: setup
 	@test -n "$(RUN_ID)" || { echo "usage: make train RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
-	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
-	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) train
+	@$(RUN) --run-id '$(RUN_ID)' $(if $(PRESET),--preset '$(PRESET)') train
 
 repro:  ## make repro RUN_ID=v1 [PRESET=demo]: all four stages for a run
 _repro: setup
 	@test -n "$(RUN_ID)" || { echo "usage: make repro RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
-	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
-	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET))
+	@$(RUN) --run-id '$(RUN_ID)' $(if $(PRESET),--preset '$(PRESET)')
+
+sweep:  ## make sweep RUN_ID=lr GRID='train.learning_rate=1e-3,3e-3' [PRESET=demo] [JOBS=2]: one run per combination in DVC's queue
+_sweep: setup
+	@test -n "$(RUN_ID)" && test -n "$(GRID)" || { echo "usage: make sweep RUN_ID=<prefix> GRID='key=v1,v2 [key2=…]' [PRESET=demo] [JOBS=2]" >&2; exit 2; }
+	@$(PYTHON) -m pipeline.experiments --run-id '$(RUN_ID)' $(if $(PRESET),--preset '$(PRESET)') \
+	  $(foreach spec,$(GRID),--grid '$(spec)') --jobs $(or $(JOBS),1)
 
 evaluate:  ## make evaluate RUN_ID=v1 [PRESET=demo]: base vs adapter on the eval split (and what it needs)
 _evaluate: setup
 	@test -n "$(RUN_ID)" || { echo "usage: make evaluate RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
-	@$(if $(filter demo,$(PRESET)),$(MAKE) --no-print-directory embedded,true)
-	@$(RUN) --run-id $(RUN_ID) $(if $(PRESET),--preset $(PRESET)) evaluate
+	@$(RUN) --run-id '$(RUN_ID)' $(if $(PRESET),--preset '$(PRESET)') evaluate
 
 bench:  ## CPU benchmarks (reward scoring, prepare); tables in docs/performance.md
 _bench: setup

@@ -5,7 +5,8 @@ marks with `!` a commit that holds no metrics (the baseline before any run was c
 reads the same data (`dvc exp show --json`) and prints what a person compares first: training
 steps and last reward, base and adapter accuracy, their difference, the adapter's strict format,
 and the parameters that differ between the runs shown. `dvc metrics diff A B` and
-`dvc plots diff A B` give the full picture of two runs.
+`dvc plots diff A B` give the full picture of two runs. Each row is one run: the working copy
+appears only when it is one run that no experiment row already shows.
 """
 
 from __future__ import annotations
@@ -73,9 +74,19 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def table(shown: list[dict]) -> str:
+def _row_values(data: dict) -> tuple:
+    return (tuple(metric(data, path, key) for _, path, key in COLUMNS), json.dumps(flat_params(data), sort_keys=True))
+
+
+def table(shown: list[dict], workspace_is_one_run: bool = True) -> str:
+    """One row per run. The working copy is a run only when every stage is up to date (after a
+    train-only run its metrics files come from two runs); it is left out then, and when it repeats
+    an experiment's row."""
     runs = [(name, data) for name, data in experiments(shown)
             if any(metric(data, path, key) is not None for _, path, key in COLUMNS)]
+    recorded = {_row_values(data) for name, data in runs if name != "workspace"}
+    runs = [(name, data) for name, data in runs if name != "workspace"
+            or (workspace_is_one_run and _row_values(data) not in recorded)]
     if not runs:
         return "no run has metrics yet: start one with `make demo` or `make repro RUN_ID=…`"
     params = [flat_params(data) for _, data in runs]
@@ -97,7 +108,9 @@ def main() -> None:
     if result.returncode != 0:
         print(f"compare: error: dvc exp show failed:\n{result.stderr.strip()}", file=sys.stderr)
         raise SystemExit(result.returncode)
-    print(table(json.loads(result.stdout or "[]")))
+    status = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True)
+    up_to_date = status.returncode == 0 and json.loads(status.stdout or "{}") == {}
+    print(table(json.loads(result.stdout or "[]"), workspace_is_one_run=up_to_date))
 
 
 if __name__ == "__main__":

@@ -241,6 +241,11 @@ class TrainParams(_Section):
         """`auto`: one training process per visible GPU, one on a machine without GPUs."""
         return max(visible_gpus, 1) if self.num_processes == "auto" else self.num_processes
 
+    def completions_per_step(self, processes: int) -> int:
+        """Completions one optimizer step learns from: every process adds its own batches, so a run
+        keeps its learning on N GPUs by dividing gradient_accumulation_steps (or the per-device batch) by N."""
+        return self.per_device_train_batch_size * processes * self.gradient_accumulation_steps
+
     @model_validator(mode="after")
     def _adapter_sync_keeps_the_base_weights(self) -> TrainParams:
         if self.vllm_weight_sync != "adapter":
@@ -274,8 +279,7 @@ class TrainParams(_Section):
     def _grpo_batch_divisible(self) -> TrainParams:
         # TRL groups the completions of one generation batch by prompt; the batch must hold whole groups.
         # Under `auto` the GPU count is known only where training runs: one process's batch must hold them.
-        processes = self.processes(1)
-        batch = self.per_device_train_batch_size * processes * self.gradient_accumulation_steps
+        batch = self.completions_per_step(self.processes(1))
         if batch % self.num_generations:
             raise ValueError(
                 f"per_device_train_batch_size × num_processes ({self.num_processes}) × gradient_accumulation_steps "

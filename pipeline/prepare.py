@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import logs
+from pipeline import lineage, logs
 from pipeline.images import BadImage, ImageRules, clean_image
 from pipeline.params import Params, Reports, load_params_or_exit
 from pipeline.prepare_errors import BadRow, PrepareError
@@ -291,6 +291,7 @@ def _check_usable(candidates: list[Candidate], ledger: Ledger, sources: list[Sou
 
 def main() -> None:
     params = load_params_or_exit()
+    lineage.check_stage_or_exit(params, "prepare")
     logs.configure()
     out_dir = params.output_dir / "data"
     try:
