@@ -43,6 +43,7 @@ from pipeline.params import (
     apply_overrides,
     dvc_set_args,
     parse_params,
+    parse_value,
     read_overrides,
 )
 
@@ -275,7 +276,7 @@ def grid(specs: list[str]) -> list[dict[str, object]]:
         key, sep, values = spec.partition("=")
         if not sep or not key or not values:
             raise ParamsError(f"--grid {spec!r}: expected key=value1,value2,...")
-        axes.append([(key, yaml.safe_load(value)) for value in values.split(",")])
+        axes.append([(key, parse_value(value)) for value in values.split(",")])
     return [dict(point) for point in itertools.product(*axes)]
 
 

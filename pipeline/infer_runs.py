@@ -78,12 +78,19 @@ def locate_adapter(run_id: str, entry: dict) -> RunTarget:
     target = RunTarget(run_id, entry.get("base_model", ""), entry.get("base_model_revision") or "main",
                        preprocessing=entry.get("image_preprocessing") or {})
     local = Path(entry.get("adapter_path") or f"{OUTPUT_ROOT}/{run_id}/adapter")
-    if (local / "adapter_config.json").is_file():
+    recorded = entry.get("adapter_digest")
+    here = (local / "adapter_config.json").is_file()
+    if here and (not recorded or folder_digest(local) == recorded):
         target.adapter, target.adapter_source = str(local), str(local)
-        recorded = entry.get("adapter_digest")
-        if recorded and folder_digest(local) != recorded:
-            target.warning = (f"the adapter in {local} is not the one registered for {run_id!r} (content differs): "
-                              "it was retrained since it was published; using it anyway")
+        return target
+    kept = adapter_from_experiment(run_id, local, recorded)
+    if kept is not None:
+        target.adapter, target.adapter_source = str(kept), f"DVC experiment {run_id!r} ({kept})"
+        return target
+    if here:
+        target.adapter, target.adapter_source = str(local), str(local)
+        target.warning = (f"the adapter in {local} is not the one registered for {run_id!r} (content differs): "
+                          "it was retrained since it was published; using it anyway")
         return target
     repo, revision = entry.get("hub_repo_id"), entry.get("hub_revision")
     restore = f"restore it with `dvc exp apply {run_id}` (DVC keeps every run's outputs in its cache)"
@@ -104,3 +111,39 @@ def locate_adapter(run_id: str, entry: dict) -> RunTarget:
                     f"experiment's outputs; {restore}, or publish it to the Hub (publish.push_to_hub)")
     return target
 
+
+ADAPTER_CACHE = Path(".cache/adapters")  # adapters read out of DVC experiments, one folder per content digest
+
+
+def adapter_from_experiment(run_id: str, local: Path, digest: str | None) -> Path | None:
+    """The registered adapter out of the run's DVC experiment (its commit names the outputs, DVC's
+    cache holds them, `dvc exp pull` brings both from another clone), whatever the working copy holds:
+    a rerun that failed, or another run applied since. None when no experiment of that name has it."""
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname) %(objectname)",
+                             "refs/exps"], capture_output=True, text=True)
+    found = [line.split() for line in listed.stdout.splitlines() if line.split()[0].rsplit("/", 1)[-1] == run_id]
+    if listed.returncode != 0 or not found:
+        return None
+    from dvc.api import DVCFileSystem
+
+    from pipeline.publish import folder_digest
+
+    for ref, commit in found:
+        dest = ADAPTER_CACHE / f"{run_id}-{commit[:12]}"
+        if not (dest / "adapter_config.json").is_file():
+            partial = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                fs = DVCFileSystem(".", rev=ref)
+                if not fs.exists(str(local)):
+                    continue
+                fs.get(str(local), str(partial), recursive=True)
+            except Exception:  # noqa: BLE001 - its outputs are not in this clone's DVC cache: try the next
+                continue
+            partial.replace(dest)
+        if digest is None or folder_digest(dest) == digest:
+            return dest
+    return None

@@ -260,19 +260,36 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _overlap_needs_the_server(self) -> TrainParams:
+        """The overlapped rollout is started for the batch the Trainer will hand over next, which
+        holds only with one generation batch per optimizer step on one process: anything else sends
+        the peeked batch to waste (it is generated again) or trains on another schedule."""
         if not self.rollout_overlap:
             return self
-        if not (self.use_vllm and self.vllm_mode == "server"):
-            raise ValueError("train.rollout_overlap: 1 overlaps the rollouts of a vLLM server with training: set "
-                             "train.use_vllm: true and train.vllm_mode: server (make vllm-serve)")
-        extra = self.model_extra or {}
-        if extra.get("num_iterations", 1) != 1 or extra.get("steps_per_generation") not in (
-                None, self.gradient_accumulation_steps):
-            raise ValueError("train.rollout_overlap: 1 needs one generation batch per optimizer step: leave "
-                             "num_iterations at 1 and steps_per_generation unset")
+
+        def refuse(key: str, reason: str) -> PydanticCustomError:
+            return PydanticCustomError("train_key", "train.rollout_overlap: 1 {reason}", {"key": key, "reason": reason})
+
+        if not self.use_vllm:
+            raise refuse("use_vllm", "overlaps the rollouts of a vLLM server with training: set train.use_vllm: "
+                                     "true and train.vllm_mode: server (make vllm-serve)")
+        if self.vllm_mode != "server":
+            raise refuse("vllm_mode", "overlaps the rollouts of a vLLM server with training: set "
+                                      "train.vllm_mode: server (make vllm-serve)")
         if self.num_processes not in (1, "auto"):
-            raise ValueError("train.rollout_overlap: 1 runs with one training process: set train.num_processes: "
-                             "1 (or auto with one visible training GPU)")
+            raise refuse("num_processes", "runs with one training process: set train.num_processes: 1 (or auto "
+                                          "with one visible training GPU)")
+        extra = self.model_extra or {}
+        step_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps  # one process
+        one_batch_per_step = {
+            "num_iterations": (1, "leave num_iterations at 1"),
+            "steps_per_generation": (self.gradient_accumulation_steps,
+                                     "leave steps_per_generation unset (it is gradient_accumulation_steps)"),
+            "generation_batch_size": (step_batch, "leave generation_batch_size unset (it is per_device_train_"
+                                                  f"batch_size x gradient_accumulation_steps = {step_batch})"),
+        }
+        for key, (expected, fix) in one_batch_per_step.items():
+            if extra.get(key) is not None and extra[key] != expected:
+                raise refuse(key, f"needs one generation batch per optimizer step: {fix}")
         return self
 
     @model_validator(mode="after")
@@ -437,8 +454,20 @@ def read_overrides(preset: Path | str | None, sets: list[str]) -> dict[str, obje
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ParamsError(f"--set {item!r}: expected key=value")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = parse_value(value)
     return overrides
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def parse_value(text: str) -> object:
+    """A command-line value as YAML reads it, except that `1e-3` is a number (YAML 1.1, which PyYAML
+    follows, reads an exponent without a dot as a string; `-S` and sweep grids are typed by hand)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
 
 
 def apply_overrides(raw: dict, overrides: dict[str, object], source: str = "overrides") -> dict:
