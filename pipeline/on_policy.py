@@ -9,14 +9,22 @@ importance-sampling ratio and TRL's `sampling/*` metrics, the logp-difference gu
 computed in the loss from the loss forward's own log-probabilities: the same loss and gradients
 (tests/test_train.py compares the adapters of the two ways) for one forward pass less.
 
+The loss sees one micro-batch at a time, while TRL reduces its `sampling/*` metrics over the whole
+generation batch (one value per batch: the min, mean and max over every sequence or token of it).
+Averaging per-micro-batch values instead would report the mean of the micro-batches' extremes and
+hide the extreme ratios these metrics exist to show, so each micro-batch's values are kept until
+the generation batch's last micro-batch and reduced then, as TRL reduces them.
+
 With LoRA dropout the two ways differ a little: TRL's extra forward draws its own dropout mask,
-the loss forward another; here the ratio is computed on the mask the loss uses.
+the loss forward another; here the ratio is computed on the mask the loss uses. Either way the
+ratio then compares a dropout-perturbed policy with vLLM's, which never applies dropout.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger("pipeline.on_policy")
@@ -38,8 +46,19 @@ def applies(trainer: Any) -> bool:
             and trainer.loss_type != "vespo")
 
 
-def importance_sampling(trainer: Any, old_logps, sampling_logps, mask):
-    """TRL 1.16's vLLM importance-sampling ratio (`_generate_and_score_completions`) and its metrics."""
+@dataclass
+class SamplingValues:
+    """The values TRL's `sampling/*` metrics reduce, for some rows of a generation batch (detached)."""
+
+    delta: Any  # |trainer - vLLM| log-prob of every completion token vLLM scored
+    ratio: Any  # the importance-sampling ratio per sequence (sequence modes) or per completion token
+    clipped: Any  # 1.0 where that ratio fell outside the clip range, else 0.0
+
+
+def importance_ratio(trainer: Any, old_logps, sampling_logps, mask) -> tuple[Any, SamplingValues]:
+    """TRL 1.16's vLLM importance-sampling ratio (`_generate_and_score_completions`), and the values
+    its metrics are computed from. Row by row: the same for a micro-batch as for its rows' share of
+    the whole generation batch."""
     import torch
 
     diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
@@ -57,26 +76,45 @@ def importance_sampling(trainer: Any, old_logps, sampling_logps, mask):
 
     keep = mask.bool()
     delta = torch.abs(old_logps - sampling_logps)[keep]
-    delta = delta[~torch.isnan(delta)]
-    flat = ratio.flatten() if sequence_level else ratio[keep]
-    clipped = (outside.flatten() if sequence_level else outside[keep]).float()
-    zero = torch.tensor(0.0, device=old_logps.device)
+    values = SamplingValues(
+        delta=delta[~torch.isnan(delta)].detach(),
+        ratio=(ratio.flatten() if sequence_level else ratio[keep]).detach(),
+        clipped=(outside.flatten() if sequence_level else outside[keep]).float(),
+    )
+    return ratio, values
+
+
+def sampling_metrics(trainer: Any, parts: list[SamplingValues]) -> dict[str, float]:
+    """TRL 1.16's `sampling/*` metrics over the rows of `parts` taken together (one generation
+    batch), reduced across processes as TRL reduces them; plus the masked share."""
+    import torch
+    from trl.trainer.utils import nanmax, nanmin
+
+    delta = torch.cat([part.delta for part in parts])
+    ratio = torch.cat([part.ratio for part in parts])
+    clipped = torch.cat([part.clipped for part in parts])
+    zero = torch.tensor(0.0, device=delta.device)
 
     def reduce(values, how):
         return getattr(values, how)() if values.numel() else zero
 
     gather = trainer.accelerator.gather
-    metrics = {
+    return {
         SAMPLING_METRICS[0]: gather(reduce(delta, "mean")).mean().item(),
         SAMPLING_METRICS[1]: gather(reduce(delta, "max")).max().item(),
-        SAMPLING_METRICS[2]: gather(reduce(flat, "min")).min().item(),
-        SAMPLING_METRICS[3]: gather(reduce(flat, "mean")).nanmean().item(),
-        SAMPLING_METRICS[4]: gather(reduce(flat, "max")).max().item(),
+        SAMPLING_METRICS[2]: nanmin(gather(reduce(ratio, "min"))).item(),
+        SAMPLING_METRICS[3]: gather(reduce(ratio, "mean")).nanmean().item(),
+        SAMPLING_METRICS[4]: nanmax(gather(reduce(ratio, "max"))).item(),
         # share of sequences (tokens, in the token modes) whose ratio fell outside the clip range
         # and was masked out (or truncated): what staleness or a sampler mismatch costs the batch
         MASKED_SHARE: gather(reduce(clipped, "mean")).mean().item(),
     }
-    return ratio, metrics
+
+
+def importance_sampling(trainer: Any, old_logps, sampling_logps, mask):
+    """The ratio and TRL's `sampling/*` metrics for one whole generation batch."""
+    ratio, values = importance_ratio(trainer, old_logps, sampling_logps, mask)
+    return ratio, sampling_metrics(trainer, [values])
 
 
 def reuse_loss_forward(trainer: Any) -> bool:
@@ -88,7 +126,16 @@ def reuse_loss_forward(trainer: Any) -> bool:
     generate_and_score = trainer._generate_and_score_completions
     per_token_logps = trainer._get_per_token_logps_and_entropies
     compute_loss = trainer._compute_loss
-    state = {"skip": False, "inputs": None}
+    # `parts`: the values of the current generation batch's micro-batches so far; `left`: how many
+    # of its micro-batches the loss has still to see (TRL splits it into steps_per_generation)
+    state: dict[str, Any] = {"skip": False, "inputs": None, "parts": [], "left": 0}
+
+    def report() -> None:
+        """Every process reaches this at the same micro-batch: the gathers in it line up."""
+        if state["parts"]:
+            for key, value in sampling_metrics(trainer, state["parts"]).items():
+                trainer._metrics["train"][key].append(value)
+        state["parts"], state["left"] = [], 0
 
     def logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if state["skip"]:  # the old-log-prob forward of a generation batch: not run
@@ -98,14 +145,17 @@ def reuse_loss_forward(trainer: Any) -> bool:
         inputs = state["inputs"]
         if inputs is not None and torch.is_grad_enabled() and "importance_sampling_ratio" not in inputs:
             mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
-            ratio, metrics = importance_sampling(trainer, result[0].detach(), inputs["sampling_per_token_logps"],
-                                                 mask)
+            ratio, values = importance_ratio(trainer, result[0].detach(), inputs["sampling_per_token_logps"], mask)
             inputs["importance_sampling_ratio"] = ratio
-            for key, value in metrics.items():
-                trainer._metrics["train"][key].append(value)
+            state["parts"].append(values)
+            state["left"] -= 1
+            if state["left"] <= 0:  # the generation batch's last micro-batch
+                report()
         return result
 
     def generate(inputs):
+        if trainer.model.training:
+            report()  # a generation batch not seen to its end (none in TRL's schedule): still logged
         state["skip"] = True
         try:
             output = generate_and_score(inputs)
@@ -115,6 +165,8 @@ def reuse_loss_forward(trainer: Any) -> bool:
         for key in SAMPLING_METRICS:  # TRL's values from the placeholder: replaced in the loss
             if trainer._metrics[mode].get(key):
                 trainer._metrics[mode][key].pop()
+        if mode == "train":
+            state["left"] = trainer.args.steps_per_generation
         output.pop("old_per_token_logps", None)  # the loss then takes its own, detached (TRL's on-policy path)
         output.pop("importance_sampling_ratio", None)
         return output

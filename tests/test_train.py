@@ -209,7 +209,9 @@ def test_on_policy_steps_reuse_the_loss_forward_with_the_same_loss_and_gradients
     result = _run_with(separate, "from pipeline import on_policy; on_policy.applies = lambda trainer: False")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the loss forward gives the old log-probs" not in result.stderr
-    for key in ("loss", "sampling/sampling_logp_difference/mean", "sampling/importance_sampling_ratio/mean"):
+    from pipeline.on_policy import SAMPLING_METRICS
+
+    for key in ("loss", *SAMPLING_METRICS):  # the extremes too: over the whole generation batch, as TRL's
         a, b = _metric_series(reused, key), _metric_series(separate, key)
         assert len(a) == len(b) == 2, (key, a, b)
         assert all(abs(x - y) <= 1e-4 + 1e-3 * abs(y) for x, y in zip(a, b, strict=True)), (key, a, b)
