@@ -129,18 +129,37 @@ def test_malformed_params_name_the_key(key, value, named, reason):
     assert f": {named}" in message and reason in message, message
 
 
-@pytest.mark.parametrize(("extra", "reason"), [
-    ({"num_iterations": 2}, "num_iterations at 1"),
-    ({"steps_per_generation": 4}, "steps_per_generation unset"),
-    ({"num_processes": 2}, "one training process"),
-])
-def test_overlapped_rollouts_refuse_what_they_cannot_schedule(extra, reason):
+OVERLAP_REFUSED = [
+    # (train key, value, what the message says): each makes the batch the overlap fetched ahead of a
+    # step not the one that step trains on, or runs the overlap where it cannot
+    ("use_vllm", False, "train.use_vllm: true"),
+    ("vllm_mode", "colocate", "train.vllm_mode: server"),
+    ("num_processes", 2, "one training process"),
+    ("num_iterations", 2, "num_iterations at 1"),
+    ("steps_per_generation", 4, "steps_per_generation unset"),  # one generation batch per two steps
+    ("steps_per_generation", 1, "steps_per_generation unset"),  # two generation batches per step
+    ("generation_batch_size", 32, "generation_batch_size unset"),  # twice the step's 8 x 2
+    ("generation_batch_size", 8, "generation_batch_size unset"),  # half of it
+]
+
+
+@pytest.mark.parametrize(("key", "value", "reason"), OVERLAP_REFUSED,
+                         ids=[f"{key}={value}" for key, value, _ in OVERLAP_REFUSED])
+def test_overlapped_rollouts_refuse_what_they_cannot_schedule(key, value, reason):
     raw = _set(_set(SHIPPED, "train.vllm_mode", "server"), "train.rollout_overlap", 1)
     parse_params(raw)  # the server and one generation batch per step: accepted
-    for key, value in extra.items():
-        raw = _set(raw, f"train.{key}", value)
-    with pytest.raises(ParamsError, match=reason):
-        parse_params(raw)
+    with pytest.raises(ParamsError) as error:
+        parse_params(_set(raw, f"train.{key}", value))
+    message = str(error.value)
+    assert f": train.{key}: train.rollout_overlap: 1 " in message and reason in message, message
+
+
+@pytest.mark.parametrize(("key", "value"), [("generation_batch_size", 16), ("steps_per_generation", 2),
+                                            ("num_iterations", 1), ("num_processes", 1)])
+def test_overlapped_rollouts_accept_the_default_schedule_spelled_out(key, value):
+    """The values the overlap needs, written out (8 x 2 completions per step): not refused."""
+    raw = _set(_set(SHIPPED, "train.vllm_mode", "server"), "train.rollout_overlap", 1)
+    assert getattr(parse_params(_set(raw, f"train.{key}", value)).train, key) == value
 
 
 @pytest.mark.parametrize(("key", "value", "named", "reason"), MALFORMED[:11], ids=[m[0] for m in MALFORMED[:11]])
