@@ -290,7 +290,8 @@ def _queue_states(names: set[str]) -> dict[str, str]:
     return states
 
 
-def sweep(prefix: str, preset: str | None, specs: list[str], sets: list[str], jobs: int) -> int:
+def sweep(prefix: str, preset: str | None, specs: list[str], sets: list[str], jobs: int,
+          targets: list[str] | None = None) -> int:
     """Queue one experiment per grid point, each with its own run id `<prefix>-<n>`, run them in DVC's
     queue (each in a temporary workspace of its own) and wait for all of them."""
     try:
@@ -312,7 +313,7 @@ def sweep(prefix: str, preset: str | None, specs: list[str], sets: list[str], jo
         cmd = ["dvc", "exp", "run", "--queue", "--name", run_id, *copy]
         for arg in dvc_set_args(run.overrides):
             cmd += ["-S", arg]
-        _run(cmd)
+        _run(cmd + (targets or []))
         print(f"sweep: queued {run_id}: " + ", ".join(f"{k}={v}" for k, v in point.items()))
     _run(["dvc", "queue", "start", "-j", str(jobs)])
     names = {run_id for run_id, _ in runs}
@@ -345,7 +346,7 @@ def main() -> None:
     if not args.run_id:
         parser.error("--run-id is required")
     if args.grid:
-        raise SystemExit(sweep(args.run_id, args.preset, args.grid, args.sets, args.jobs))
+        raise SystemExit(sweep(args.run_id, args.preset, args.grid, args.sets, args.jobs, args.targets))
     raise SystemExit(start(args.run_id, args.preset, args.targets, args.sets, args.force))
 
 

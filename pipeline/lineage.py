@@ -19,9 +19,10 @@ stage when DVC runs it (a raw `dvc exp run`, DVC's queue), where `DVC_STAGE` is 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from pipeline.params import Params
+from pipeline.params import EXIT_BAD_PARAMS, Params
 
 # dvc.yaml: prepare, train and evaluate depend on these folders (tests/test_dvc_stages.py checks it)
 INPUT_DIRS = (Path("data"), Path("models"), Path("assets/embedded"))
@@ -92,4 +93,5 @@ def check_stage_or_exit(params: Params, stage: str) -> None:
         return
     found = problems(params)
     if found:
-        raise SystemExit(f"{stage}: error: " + f"\n{stage}: error: ".join(found))
+        print("\n".join(f"{stage}: error: {problem}" for problem in found), file=sys.stderr)
+        raise SystemExit(EXIT_BAD_PARAMS)

@@ -28,13 +28,22 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedP
     return result
 
 
+def clone_repo(dest: Path, cache: Path) -> Path:
+    """A fresh clone of the committed project whose DVC cache is `cache`: DVC's run cache then builds
+    the embedded default (a DVC stage) once for every clone that shares it."""
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    _run(["dvc", "cache", "dir", "--local", str(cache)], dest)
+    return dest
+
+
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory, embedded_root) -> Path:
-    path = tmp_path_factory.mktemp("clone") / "repo"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(path)], check=True)
-    (path / "assets").mkdir()
-    (path / "assets" / "embedded").symlink_to(embedded_root)
-    return path
+def clone(tmp_path_factory) -> Path:
+    return clone_repo(tmp_path_factory.mktemp("clone") / "repo", tmp_path_factory.mktemp("dvc-cache"))
+
+
+def _experiments(clone: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.experiments", *args], cwd=clone, env=_env(),
+                          capture_output=True, text=True, timeout=900)
 
 
 def _start(clone: Path, run_id: str, preset: str) -> str:
@@ -143,12 +152,65 @@ def test_dvc_status_clean_and_dvc_yaml_untouched(clone, demo_run):
 def test_second_run_does_no_stage_work(clone, demo_run):
     again = _start(clone, "t1", "demo")
     assert "Running stage" not in again
-    assert again.count("didn't change, skipping") == 4
+    assert again.count("didn't change, skipping") == 5  # embedded and the four stages
 
 
-def test_retraining_gives_byte_identical_outputs(clone, demo_run):
-    """Two runs of the same train stage hash alike in dvc.lock: no wall-clock value in any output."""
+def _exp_file(clone: Path, name: str, path: str) -> str:
+    """A file as experiment `name` committed it (DVC experiments are git commits under refs/exps)."""
+    refs = _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], clone).stdout.split()
+    ref = next(ref for ref in refs if ref.rsplit("/", 1)[-1] == name)
+    return _run(["git", "show", f"{ref}:{path}"], clone).stdout
 
+
+def _experiment_names(clone: Path) -> set[str]:
+    return set(_run(["dvc", "exp", "list", "--name-only"], clone).stdout.split())
+
+
+def _lock_holder(clone: Path) -> str | None:
+    try:
+        return json.loads((clone / ".dvc" / "tmp" / "grpo-run.lock").read_text() or "{}").get("run_id")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def fast_preset(clone, tmp_path_factory) -> Path:
+    """The demo's settings in 4 steps with transformers rollouts: a short second run."""
+    path = tmp_path_factory.mktemp("presets") / "fast.yaml"
+    demo = yaml.safe_load((clone / "presets" / "demo.yaml").read_text())
+    path.write_text(yaml.safe_dump({**demo, "train.use_vllm": False, "train.max_steps": 4}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def concurrent_runs(clone, demo_run, fast_preset):
+    """Run t2; while it runs, start t3 in the same working copy."""
+    import time
+
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.experiments", "--run-id", "t2", "--preset",
+                              str(fast_preset)], cwd=clone, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while _lock_holder(clone) != "t2" and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # t2 is past its start: DVC has written its params into params.yaml
+    params_during = (clone / "params.yaml").read_text()
+    second = _experiments(clone, "--run-id", "t3", "--preset", "demo")
+    params_after_refusal = (clone / "params.yaml").read_text()
+    output, _ = first.communicate(timeout=900)
+    assert first.returncode == 0, output[-5000:]
+    return {"second": second, "params_untouched": params_during == params_after_refusal}
+
+
+def test_a_second_run_is_refused_while_one_runs_and_the_first_is_unharmed(clone, concurrent_runs):
+    second = concurrent_runs["second"]
+    assert second.returncode == 3, second.stdout + second.stderr
+    assert "run 't2'" in second.stderr and "nothing was changed" in second.stderr
+    assert concurrent_runs["params_untouched"]
+    assert not (clone / "outputs" / "t3").exists() and "t3" not in _experiment_names(clone)
+    assert (clone / "outputs" / "t2" / "adapter" / "adapter_model.safetensors").is_file()
+
+    # t2's adapter is byte-identical to the same train stage run alone (no wall-clock value in any output)
     def train_outs() -> dict[str, str]:
         lock = yaml.safe_load((clone / "dvc.lock").read_text())
         return {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
@@ -156,8 +218,7 @@ def test_retraining_gives_byte_identical_outputs(clone, demo_run):
     before = train_outs()
     _run(["dvc", "repro", "--force", "--single-item", "train"], clone)
     assert train_outs() == before
-    status = _run(["dvc", "status", "--json"], clone)
-    assert json.loads(status.stdout) == {}  # evaluate and publish are still up to date
+    assert json.loads(_run(["dvc", "status", "--json"], clone).stdout) == {}  # evaluate and publish still up to date
 
 
 def _revisions(node) -> set[str]:
@@ -170,25 +231,19 @@ def _revisions(node) -> set[str]:
     return set()
 
 
-def test_two_runs_compare_metrics_plots_and_params(clone, demo_run, tmp_path):
-    t1_metrics = json.loads((clone / "reports" / "eval_metrics.json").read_text())
-    fast = tmp_path / "fast.yaml"
-    demo = yaml.safe_load((clone / "presets" / "demo.yaml").read_text())
-    fast.write_text(yaml.safe_dump({**demo, "train.use_vllm": False, "train.max_steps": 4}))
-    _start(clone, "t2", str(fast))
+def test_two_runs_compare_metrics_plots_and_params(clone, demo_run, concurrent_runs):
+    t1_metrics = json.loads(_exp_file(clone, "t1", "reports/eval_metrics.json"))
     assert (clone / "outputs" / "t2" / "adapter" / "adapter_config.json").is_file()
     registry = json.loads((clone / "registry.json").read_text())
     assert {"t1", "t2"} <= set(registry["runs"])
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], clone).stdout)
-    names = {exp.get("name") for baseline in shown for exp in (baseline.get("experiments") or [])}
-    assert {"t1", "t2"} <= names
+    assert {"t1", "t2"} <= _experiment_names(clone)
 
     metrics = _run(["dvc", "metrics", "diff", "t1", "t2", "--all", "--json"], clone)
     assert "failed to load" not in metrics.stderr
     evaluation = json.loads(metrics.stdout)["reports/eval_metrics.json"]
     for key in ("adapter.accuracy", "adapter.strict_format", "base.accuracy"):
         assert evaluation[key]["old"] == _dig(t1_metrics, key) and evaluation[key]["new"] is not None
-    assert "step" in json.loads(metrics.stdout)["reports/train/metrics.json"]  # 24 → 4 steps
+    assert "step" in json.loads(metrics.stdout)["reports/train/metrics.json"]  # 40 → 4 steps
     exp_diff = json.loads(_run(["dvc", "exp", "diff", "t1", "t2", "--all", "--json"], clone).stdout)
     assert "train.max_steps" in json.dumps(exp_diff["params"])
     assert "adapter.accuracy" in exp_diff["metrics"]["reports/eval_metrics.json"]
@@ -199,13 +254,125 @@ def test_two_runs_compare_metrics_plots_and_params(clone, demo_run, tmp_path):
     table = _run([sys.executable, "-m", "pipeline.compare"], clone).stdout
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert {"t1", "t2"} <= set(rows) and "!" not in table
+    assert "workspace" not in rows  # the working copy is t2, which its own row shows
     assert f"{t1_metrics['adapter']['accuracy']:.3f}" in rows["t1"] and "train.max_steps=4" in rows["t2"]
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["num_processes"] == 1  # `auto`, resolved
 
     # the working copy shows the last run; any other run's outputs and metrics come back with apply
     _run(["dvc", "exp", "apply", "t1"], clone)
     assert (clone / "outputs" / "t1" / "adapter" / "adapter_config.json").is_file()
     assert yaml.safe_load((clone / "params.yaml").read_text())["run_id"] == "t1"
     assert json.loads((clone / "reports" / "eval_metrics.json").read_text()) == t1_metrics
+
+
+def _infer(clone: Path, run_id: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    from pipeline import synthetic
+
+    image = tmp_path / "square.png"
+    synthetic.make_rows(1, seed=5)[0]["decoded_image"].save(image)
+    return subprocess.run([sys.executable, "-m", "pipeline.infer", "--run_id", run_id, "--image_path", str(image),
+                           "--prompt", "How many squares are in the image?", "--max_new_tokens", "8"],
+                          cwd=clone, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_a_failed_rerun_keeps_the_finished_run(clone, concurrent_runs, fast_preset, tmp_path):
+    adapter_md5 = yaml.safe_load(_exp_file(clone, "t2", "dvc.lock"))["stages"]["train"]["outs"][0]["md5"]
+    failed = _experiments(clone, "--run-id", "t2", "--preset", str(fast_preset),
+                          "--set", "data.columns.question=questio")
+    assert failed.returncode != 0 and "questio" in failed.stdout + failed.stderr
+    assert "the finished run 't2' is kept" in failed.stderr
+    assert {"t1", "t2"} <= _experiment_names(clone) and "t2.previous" not in _experiment_names(clone)
+    assert yaml.safe_load(_exp_file(clone, "t2", "dvc.lock"))["stages"]["train"]["outs"][0]["md5"] == adapter_md5
+    rows = [line.split()[0] for line in _run([sys.executable, "-m", "pipeline.compare"], clone).stdout.splitlines()]
+    assert "t2" in rows
+
+    # infer answers from t2's adapter out of its experiment, whatever the working copy holds
+    import shutil
+
+    shutil.rmtree(clone / "outputs" / "t2", ignore_errors=True)
+    answered = _infer(clone, "t2", tmp_path)
+    assert answered.returncode == 0 and "[t2]" in answered.stdout and "response:" in answered.stdout, (
+        answered.stdout[-2000:] + answered.stderr[-3000:])
+    _run(["dvc", "exp", "apply", "t2"], clone)
+    assert (clone / "outputs" / "t2" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_local_data_is_content_hashed(clone, fast_preset):
+    """A dataset under data/ is a dependency of prepare: one edit reruns it; a path elsewhere is refused."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(next((clone / "assets" / "embedded" / "synthetic-mathvista").rglob("*.parquet")))
+    pq.write_table(table, clone / "data" / "mine.parquet")
+    pq.write_table(table, clone.parent / "outside.parquet")
+
+    def prepare(source: str) -> subprocess.CompletedProcess:
+        return _experiments(clone, "--run-id", "mine", "--preset", str(fast_preset), "--set",
+                            f"data.source={source}", "prepare")
+
+    params_before = (clone / "params.yaml").read_text()
+    outside = prepare(str(clone.parent / "outside.parquet"))
+    assert outside.returncode == 2 and "data.source" in outside.stderr and "outside data/" in outside.stderr
+    assert (clone / "params.yaml").read_text() == params_before
+
+    def rows_in() -> int:
+        return json.loads((clone / "reports" / "data_report.json").read_text())["rows_in"]
+
+    first = prepare("data/mine.parquet")
+    assert first.returncode == 0 and "Running stage 'prepare'" in first.stdout, first.stdout[-3000:] + first.stderr
+    assert rows_in() == table.num_rows
+    assert "Running stage 'prepare'" not in prepare("data/mine.parquet").stdout
+    pq.write_table(table.slice(0, table.num_rows - 4), clone / "data" / "mine.parquet")
+    edited = prepare("data/mine.parquet")
+    assert edited.returncode == 0 and "Running stage 'prepare'" in edited.stdout
+    assert rows_in() == table.num_rows - 4
+
+    # a raw DVC experiment whose name is not the run id is stopped before prepare writes anything
+    raw = subprocess.run(["dvc", "exp", "run", "-n", "other", "-S", "data.max_rows=100", "prepare"], cwd=clone,
+                         env=_env(), capture_output=True, text=True)
+    assert raw.returncode != 0 and "named 'other' but run_id is 'mine'" in raw.stdout + raw.stderr
+
+
+def test_a_sweep_runs_in_dvcs_queue_each_point_its_own_run(clone, fast_preset):
+    swept = _experiments(clone, "--run-id", "lr", "--preset", str(fast_preset), "--set", "train.max_steps=2",
+                         "--grid", "train.learning_rate=1e-3,1e-2", "--jobs", "2", "train")
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    adapters = {name: yaml.safe_load(_exp_file(clone, name, "dvc.lock"))["stages"]["train"]["outs"][0]["md5"]
+                for name in ("lr-1", "lr-2")}
+    assert adapters["lr-1"] != adapters["lr-2"]
+    params = yaml.safe_load(_exp_file(clone, "lr-2", "params.yaml"))
+    assert params["run_id"] == "lr-2" and params["train"]["learning_rate"] == 0.01
+    rows = {line.split()[0]: line for line in
+            _run([sys.executable, "-m", "pipeline.compare"], clone).stdout.splitlines()[2:]}
+    assert {"lr-1", "lr-2"} <= set(rows)
+
+
+def test_a_run_shared_through_a_dvc_remote_answers_in_another_clone(clone, demo_run, tmp_path):
+    """The DVC user's way to share runs: git for the experiment, a DVC remote for its data."""
+    store, remote = tmp_path / "dvc-store", tmp_path / "remote.git"
+    _run(["git", "init", "-q", "--bare", str(remote)], tmp_path)
+    _run(["git", "remote", "add", "shared", str(remote)], clone)
+    _run(["git", "push", "-q", "shared", "HEAD:refs/heads/main"], clone)
+    _run(["dvc", "remote", "add", "--local", "-d", "store", str(store)], clone)
+    _run(["dvc", "exp", "push", "shared", "t1"], clone)
+
+    other = tmp_path / "other"
+    _run(["git", "clone", "-q", str(remote), str(other)], tmp_path)
+    _run(["dvc", "remote", "add", "--local", "-d", "store", str(store)], other)
+    _run(["dvc", "exp", "pull", "origin", "t1"], other)
+    _run(["dvc", "exp", "apply", "t1"], other)
+    assert json.loads(_run(["dvc", "status", "--json"], other).stdout) == {}  # nothing to rerun
+    answered = _infer(other, "t1", tmp_path)
+    assert answered.returncode == 0 and "[t1]" in answered.stdout, answered.stdout[-2000:] + answered.stderr[-3000:]
+
+
+def test_check_validates_what_train_would_run(clone, demo_run):
+    """After a demo run the working copy holds the demo's values; a preset is checked on the committed base."""
+    checked = _experiments(clone, "--check", "--preset", "gpu-fast", "--run-id", "v9")
+    assert checked.returncode == 0, checked.stderr
+    assert "model=Qwen/Qwen2.5-VL-7B-Instruct" in checked.stderr and "gpu-fast" in checked.stderr
+    unknown = _experiments(clone, "--check", "--preset", "nope")
+    assert unknown.returncode == 2 and "presets: demo" in unknown.stderr
 
 
 def _dig(data: dict, dotted: str):
