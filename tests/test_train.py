@@ -172,6 +172,7 @@ def test_adapter_only_sync_keeps_vllm_on_the_policy(workspace):
     ws = workspace("lora", **ADAPTER_SYNC)
     result = ws.run("pipeline.train")
     assert "weight sync: the LoRA adapter only" in result.stderr
+    assert "adapter-only sync probe: vLLM serves the adapter" in result.stderr  # checked at engine start
     assert "full weight reload" not in result.stderr
     differences = _metric_series(ws, "sampling/sampling_logp_difference/mean")
     assert len(differences) == 4 and max(differences) < 0.01, differences
@@ -186,6 +187,37 @@ def test_without_the_adapter_sync_vllm_drifts_from_the_policy(workspace):
     # the run's own guard (train.max_logp_difference) stops it once vLLM lags the policy
     assert result.returncode == 1, result.stderr[-3000:]
     assert "vLLM's and the trainer's log-probabilities differ by" in result.stderr
+
+
+def test_adapter_only_sync_refuses_an_engine_that_serves_the_base_model(workspace):
+    """vLLM's LoRA target filter set to a module the adapter does not have (`o_proj` for a q/v
+    adapter): vLLM loads the adapter without error and serves the base model. The start-up probe
+    sees it and the stage stops with the cause named, before the first step."""
+    ws = workspace("nolora", **{**ADAPTER_SYNC, "lora__target_modules": ["q_proj", "v_proj"]})
+    result = _run_with(ws, "from pipeline import adapter_sync as a; options = a.engine_lora_options; "
+                           "a.engine_lora_options = lambda rank, targets: options(rank, ['o_proj'])")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "train: error: train.vllm_weight_sync: adapter: vLLM serves the base model" in result.stderr, \
+        result.stderr[-3000:]
+    assert "lora_target_modules=['o_proj']" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (ws.root / "outputs" / "nolora" / "checkpoints" / "checkpoint-1").exists()
+
+
+def test_the_adapter_probe_benchmark_runs_on_cpu(embedded_root, tmp_path):
+    """bench/bench_adapter_probe.py, which the GPU runs on real shapes, on the tiny Qwen3-VL: vLLM with
+    the synced probe adapter gives the trainer's log-probs (float32: within 0.01) and not the base's."""
+    import json
+
+    out = tmp_path / "probe.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "bench_adapter_probe.py"), "--model",
+                             str(embedded_root / "tiny-qwen3_vl"), "--filters", "own", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    [case] = json.loads(out.read_text())
+    assert case["verdict"] == "starts" and case["applied"], case
+    assert case["to_trainer"] < 0.01 and case["to_base"] > 0.1 and case["shift"] > 0.1, case
+    assert "qkv_proj" in case["engine_filter"] and "| tiny-qwen3_vl | float32 | own:" in result.stdout
 
 
 def _run_with(ws, patch: str):
