@@ -232,3 +232,20 @@ def test_every_preset_goes_through_dvcs_override_grammar(tmp_path):
         expected = apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
         assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == expected, preset.name
         shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+
+
+def test_the_recipe_that_keeps_a_one_gpu_runs_learning_on_n_gpus():
+    """docs/runs.md: gradient accumulation ÷ N on N processes learns from as many completions per step."""
+    committed = yaml.safe_load(shipped_params_text())
+    one = parse_params(apply_overrides(committed, read_overrides(REPO / "presets" / "gpu-fast.yaml", []))).train
+    four = parse_params(apply_overrides(committed, read_overrides(
+        REPO / "presets" / "gpu-fast.yaml", ["train.num_processes=4", "train.gradient_accumulation_steps=1"]))).train
+    assert one.completions_per_step(one.processes(1)) == 16 == four.completions_per_step(four.processes(4))
+    assert four.completions_per_step(four.processes(4)) != one.completions_per_step(4)  # N GPUs alone: 4 × more
+
+
+def test_command_line_values_read_exponents_as_numbers():
+    from pipeline.params import parse_value
+
+    assert parse_value("1e-3") == 0.001 and parse_value("5E-6") == 5e-6 and parse_value("3") == 3
+    assert parse_value("abc") == "abc" and parse_value("[1, 2]") == [1, 2] and parse_value("null") is None

@@ -146,7 +146,7 @@ def test_dvc_status_clean_and_dvc_yaml_untouched(clone, demo_run):
     assert json.loads(status.stdout) == {}
     assert subprocess.run(["git", "diff", "--quiet", "--", "dvc.yaml"], cwd=clone).returncode == 0
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "train", "evaluate", "publish"}
+    assert set(lock["stages"]) == {"embedded", "prepare", "train", "evaluate", "publish"}
 
 
 def test_second_run_does_no_stage_work(clone, demo_run):
