@@ -117,8 +117,18 @@ def importance_sampling(trainer: Any, old_logps, sampling_logps, mask):
     return ratio, sampling_metrics(trainer, [values])
 
 
+def lora_dropout(trainer: Any) -> float:
+    config = getattr(trainer.model, "peft_config", {}).get("default")
+    return float(getattr(config, "lora_dropout", 0.0) or 0.0)
+
+
 def reuse_loss_forward(trainer: Any) -> bool:
     """Patch a built GRPOTrainer so that, on-policy, the old log-probs come from the loss forward."""
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction and lora_dropout(trainer) > 0:
+        logger.warning("lora.dropout is %g: the trainer's log-probs carry dropout noise that vLLM's never do; the "
+                       "importance-sampling ratio and the logp-difference guard see it as a sampler mismatch "
+                       "(docs/training.md, \"LoRA dropout\"): lora.dropout 0 keeps them exact",
+                       lora_dropout(trainer))
     if not applies(trainer):
         return False
     import torch

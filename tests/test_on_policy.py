@@ -153,3 +153,14 @@ def test_two_generation_batches_per_log_average_like_trl():
                             low, high)
     for key, value in second.items():
         assert both[key] == pytest.approx((first[key] + value) / 2, rel=1e-6), key
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_lora_dropout_with_vllms_correction_is_named_in_the_log(caplog, dropout):
+    """vLLM samples without dropout: a trainer with LoRA dropout says so once, at start."""
+    mode, low, high = MODES[0]
+    trainer = FakeTrainer(_batch(), 1, mode, low, high)
+    trainer.model.peft_config = {"default": SimpleNamespace(lora_dropout=dropout)}
+    with caplog.at_level("WARNING", logger="pipeline.on_policy"):
+        on_policy.reuse_loss_forward(trainer)
+    assert ("lora.dropout is 0.05" in caplog.text) == (dropout > 0)
