@@ -51,7 +51,7 @@ EXIT_BUSY = 3
 PRESETS = Path("presets")
 RUN_LOCK = Path(".dvc/tmp/grpo-run.lock")  # held by the runner for the whole run (fcntl: freed on any exit)
 PREVIOUS = ".previous"  # a rerun sets the finished experiment aside under `<id>.previous`
-COPY_PATHS = ("data", "models")  # git-ignored local inputs a queued experiment's workspace needs
+COPY_PATHS = ("data", "models")  # their git-ignored local inputs: copied into a queued experiment's workspace
 
 
 def _run(cmd: list[str], check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
@@ -280,6 +280,14 @@ def grid(specs: list[str]) -> list[dict[str, object]]:
     return [dict(point) for point in itertools.product(*axes)]
 
 
+def local_inputs_to_copy() -> list[Path]:
+    """What git leaves out of data/ and models/ (DVC-tracked entries come from DVC's cache instead)."""
+    kept_by_git = {"README.md", ".gitignore"}
+    return [entry for folder in COPY_PATHS if Path(folder).is_dir() for entry in sorted(Path(folder).iterdir())
+            if entry.name not in kept_by_git and entry.suffix != ".dvc"
+            and not entry.with_name(entry.name + ".dvc").exists()]
+
+
 def _queue_states(names: set[str]) -> dict[str, str]:
     shown = _run(["dvc", "queue", "status"], check=False).stdout
     states = {}
@@ -307,8 +315,7 @@ def sweep(prefix: str, preset: str | None, specs: list[str], sets: list[str], jo
         print(f"error: run id(s) {', '.join(sorted(taken))} already exist; choose another prefix or remove them "
               f"(dvc exp remove {' '.join(sorted(taken))})", file=sys.stderr)
         return EXIT_BAD_PARAMS
-    copy = [arg for path in COPY_PATHS if any(p.name != "README.md" for p in Path(path).glob("*"))
-            for arg in ("-C", path)]
+    copy = [arg for entry in local_inputs_to_copy() for arg in ("-C", str(entry))]
     for (run_id, point), run in zip(runs, plans, strict=True):
         cmd = ["dvc", "exp", "run", "--queue", "--name", run_id, *copy]
         for arg in dvc_set_args(run.overrides):

@@ -61,12 +61,14 @@ def resolve_runs(specs: list[str], params: Params) -> list[RunTarget]:
         if run_id == BASE:
             targets.append(RunTarget(BASE, params.model.name_or_path, params.model.revision,
                                      preprocessing=ImageRules.from_params(params).record()))
-        elif run_id not in entries:
+        elif run_id in entries:
+            targets.append(locate_adapter(run_id, entries[run_id]))
+        elif (entry := entry_from_experiment(run_id, registry_file)) is not None:
+            targets.append(locate_adapter(run_id, entry))
+        else:
             known = ", ".join(sorted(entries)) or "none registered yet"
             reason = registry_error or f"unknown run id (known: {known}; or 'all', 'base')"
             targets.append(RunTarget(run_id, error=reason))
-        else:
-            targets.append(locate_adapter(run_id, entries[run_id]))
     return targets
 
 
@@ -115,29 +117,56 @@ def locate_adapter(run_id: str, entry: dict) -> RunTarget:
 ADAPTER_CACHE = Path(".cache/adapters")  # adapters read out of DVC experiments, one folder per content digest
 
 
+def experiment_commits(run_id: str) -> list[str]:
+    """Commits of the DVC experiments named `run_id`, newest first (one per baseline commit)."""
+    import subprocess
+
+    listed = subprocess.run(["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname) %(objectname)",
+                             "refs/exps"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        return []
+    return [commit for ref, commit in (line.split() for line in listed.stdout.splitlines())
+            if ref.rsplit("/", 1)[-1] == run_id]
+
+
+def entry_from_experiment(run_id: str, registry_file: Path) -> dict | None:
+    """The run's registry entry as its own experiment committed it: each experiment carries the
+    registry of its working copy, so a run published in another experiment is found there."""
+    import subprocess
+
+    for commit in experiment_commits(run_id):
+        shown = subprocess.run(["git", "show", f"{commit}:{registry_file}"], capture_output=True, text=True)
+        if shown.returncode != 0:
+            continue
+        try:
+            entry = registry.parse(shown.stdout, f"{registry_file} of experiment {run_id!r}")["runs"].get(run_id)
+        except registry.RegistryError:
+            continue
+        if entry is not None:
+            return entry
+    return None
+
+
 def adapter_from_experiment(run_id: str, local: Path, digest: str | None) -> Path | None:
     """The registered adapter out of the run's DVC experiment (its commit names the outputs, DVC's
     cache holds them, `dvc exp pull` brings both from another clone), whatever the working copy holds:
     a rerun that failed, or another run applied since. None when no experiment of that name has it."""
     import shutil
-    import subprocess
 
-    listed = subprocess.run(["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname) %(objectname)",
-                             "refs/exps"], capture_output=True, text=True)
-    found = [line.split() for line in listed.stdout.splitlines() if line.split()[0].rsplit("/", 1)[-1] == run_id]
-    if listed.returncode != 0 or not found:
+    commits = experiment_commits(run_id)
+    if not commits:
         return None
     from dvc.api import DVCFileSystem
 
     from pipeline.publish import folder_digest
 
-    for ref, commit in found:
+    for commit in commits:
         dest = ADAPTER_CACHE / f"{run_id}-{commit[:12]}"
         if not (dest / "adapter_config.json").is_file():
             partial = dest.with_name(dest.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             try:
-                fs = DVCFileSystem(".", rev=ref)
+                fs = DVCFileSystem(".", rev=commit)
                 if not fs.exists(str(local)):
                     continue
                 fs.get(str(local), str(partial), recursive=True)

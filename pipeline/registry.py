@@ -41,14 +41,18 @@ def read(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         return empty()
+    return parse(path.read_text(), str(path))
+
+
+def parse(text: str, where: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise RegistryError(f"{path}: not valid JSON ({error}); fix or restore it from git") from None
+        raise RegistryError(f"{where}: not valid JSON ({error}); fix or restore it from git") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-        raise RegistryError(f"{path}: expected an object with a 'runs' mapping")
+        raise RegistryError(f"{where}: expected an object with a 'runs' mapping")
     if data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
-        raise RegistryError(f"{path}: schema_version {data['schema_version']} is newer than this code "
+        raise RegistryError(f"{where}: schema_version {data['schema_version']} is newer than this code "
                             f"({SCHEMA_VERSION}); update the project")
     return data
 
