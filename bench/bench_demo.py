@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,9 +49,12 @@ def copy_working_tree(dest: Path) -> None:
 
 
 def copy_with_embedded(work: Path) -> None:
-    """The working tree copied to `work`, with the embedded default (tiny models, dataset) built there."""
+    """The working tree copied to `work`, with the embedded default (tiny models, dataset) built there by
+    its DVC stage, so the runs find it up to date."""
     copy_working_tree(work)
-    build = subprocess.run([sys.executable, "-m", "pipeline.embedded"], cwd=work, capture_output=True, text=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1"}
+    build = subprocess.run(["dvc", "repro", "embedded"], cwd=work, capture_output=True, text=True, env=env)
     if build.returncode != 0:
         raise SystemExit(f"bench: building the embedded default failed:\n{build.stderr[-4000:]}")
 
@@ -103,6 +107,26 @@ def table(rows: list[dict]) -> str:
                      f"| {r['base_format']:.3f} → {r['format']:.3f} | {r['base_accuracy']:.3f} → {r['accuracy']:.3f} "
                      f"({r['ci'][0]:.3f}–{r['ci'][1]:.3f}) | {'yes' if r['ci'][0] > r['base_accuracy'] else 'no'} "
                      f"| {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def curve_table(rows: list[dict], key: str, groups: list[tuple[object, str]], group_key: str, header: str,
+                blocks: int = 5, digits: int = 3) -> str:
+    """A learning curve as a table: mean of the per-step `key` per block of steps, one line per group
+    (`group_key` value, label), mean ± sd over the seeds."""
+    steps = min(len(r[key]) for r in rows)
+    size = steps // blocks
+    spans = [(i * size, (i + 1) * size) for i in range(blocks)]
+    lines = [f"| {header} | " + " | ".join(f"steps {a + 1}–{b}" for a, b in spans) + " |",
+             "| --- |" + " ---: |" * blocks]
+    for value, label in groups:
+        runs = [r[key] for r in rows if r[group_key] == value]
+        cells = []
+        for a, b in spans:
+            means = [statistics.fmean(values[a:b]) for values in runs]
+            spread = f" ± {statistics.stdev(means):.{digits}f}" if len(means) > 1 else ""
+            cells.append(f"{statistics.fmean(means):.{digits}f}{spread}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

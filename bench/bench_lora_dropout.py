@@ -24,7 +24,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from bench_demo import copy_with_embedded, cpu_name, thirds
+from bench_demo import copy_with_embedded, cpu_name, curve_table, thirds
 
 LOGP = "sampling/sampling_logp_difference/mean"
 
@@ -63,22 +63,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def curve_table(rows: list[dict], key: str, blocks: int = 5, digits: int = 3) -> str:
-    """Mean of `key` per block of steps, per dropout value, mean ± sd over the seeds."""
-    steps = min(len(r[key]) for r in rows)
-    size = steps // blocks
-    spans = [(i * size, (i + 1) * size) for i in range(blocks)]
-    lines = ["| lora.dropout | " + " | ".join(f"steps {a + 1}–{b}" for a, b in spans) + " |",
-             "| ---: |" + " ---: |" * blocks]
-    for dropout in sorted({r["dropout"] for r in rows}, reverse=True):
-        runs = [r[key] for r in rows if r["dropout"] == dropout]
-        cells = []
-        for a, b in spans:
-            means = [statistics.fmean(values[a:b]) for values in runs]
-            spread = f" ± {statistics.stdev(means):.{digits}f}" if len(means) > 1 else ""
-            cells.append(f"{statistics.fmean(means):.{digits}f}{spread}")
-        lines.append(f"| {dropout:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _dropout_groups(rows: list[dict]) -> tuple[list, str, str]:
+    return [(d, f"{d:g}") for d in sorted({r["dropout"] for r in rows}, reverse=True)], "dropout", "lora.dropout"
 
 
 def summary(rows: list[dict]) -> str:
@@ -108,11 +94,13 @@ def main() -> None:
             for dropout in dropouts:
                 rows.append(run(work, seed, dropout))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
+    rewards = curve_table(rows, 'rewards', *_dropout_groups(rows))
+    logp = curve_table(rows, 'logp', *_dropout_groups(rows), digits=4)
     report = (f"Measured {date.today().isoformat()} on {cpu_name()} ({os.cpu_count()} cores), "
               f"`bench/bench_lora_dropout.py --seeds {args.seeds} --dropouts {args.dropouts}` (demo preset, "
               f"vLLM colocate on CPU).\n\n{table(rows)}\n\nReward per block of steps (mean ± sd over the seeds):\n\n"
-              f"{curve_table(rows, 'rewards')}\n\nvLLM-vs-trainer logp difference per block of steps (mean ± sd "
-              f"over the seeds):\n\n{curve_table(rows, 'logp', digits=4)}\n\n{summary(rows)}")
+              f"{rewards}\n\nvLLM-vs-trainer logp difference per block of steps (mean ± sd "
+              f"over the seeds):\n\n{logp}\n\n{summary(rows)}")
     print("\n" + report)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -24,7 +24,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from bench_demo import copy_with_embedded, cpu_name, thirds, write_doc
+from bench_demo import copy_with_embedded, cpu_name, curve_table, thirds, write_doc
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -88,24 +88,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def curve_table(rows: list[dict], blocks: int = 5) -> str:
-    """The learning curve: mean reward per block of steps, per mode, averaged over the seeds."""
-    steps = min(len(r["rewards"]) for r in rows)
-    size = steps // blocks
-    spans = [(i * size, (i + 1) * size) for i in range(blocks)]
-    lines = ["| rollouts | " + " | ".join(f"steps {a + 1}–{b}" for a, b in spans) + " |",
-             "| --- |" + " ---: |" * blocks]
-    for mode, name in ((0, "synchronous"), (1, "overlapped")):
-        runs = [r["rewards"] for r in rows if r["overlap"] == mode]
-        cells = []
-        for a, b in spans:
-            means = [statistics.fmean(rewards[a:b]) for rewards in runs]
-            spread = f" ± {statistics.stdev(means):.3f}" if len(means) > 1 else ""
-            cells.append(f"{statistics.fmean(means):.3f}{spread}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def summary(rows: list[dict]) -> tuple[str, bool]:
     by_mode = {mode: [r["last"] for r in rows if r["overlap"] == mode] for mode in (0, 1)}
     sync, over = by_mode[0], by_mode[1]
@@ -142,10 +124,11 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
     text, within = summary(rows)
+    curve = curve_table(rows, "rewards", [(0, "synchronous"), (1, "overlapped")], "overlap", "rollouts")
     report = (f"Measured {date.today().isoformat()} on {cpu_name()} ({os.cpu_count()} cores), "
               f"`bench/bench_overlap.py --seeds {args.seeds}` (demo preset, vLLM CPU server, one process for both "
               f"modes).\n\n{table(rows)}\n\nMean reward per block of steps over the seeds (± sd over seeds):\n\n"
-              f"{curve_table(rows)}\n\n{text}")
+              f"{curve}\n\n{text}")
     print("\n" + report)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
