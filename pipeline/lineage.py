@@ -60,11 +60,8 @@ def uncovered_inputs(params: Params, root: Path) -> list[str]:
             problems.append(f"{key}: {value!r} is a local path outside {folders}, so DVC cannot hash it and an edit "
                             f"would not rerun the stages: move it (or a copy) under {folders} and point {key} there")
             continue
-        link = _symlinked_folder(Path(root, relative))
-        for part in reversed(relative.parents[:-1]):  # the folders between data/ (or models/) and the input
-            if Path(root, part).is_symlink() and part != home:
-                link = Path(root, part)
-                break
+        between = [Path(root, part) for part in reversed(relative.parents[:-1]) if part != home]
+        link = next((part for part in between if part.is_symlink()), None) or _symlinked_folder(Path(root, relative))
         if link is not None:
             problems.append(f"{key}: {link} is a symlinked folder; DVC does not hash what is behind it, so an edit "
                             "would not rerun the stages: copy the folder (file symlinks are fine)")
