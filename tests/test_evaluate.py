@@ -191,3 +191,16 @@ def test_vllm_wraps_only_the_layers_the_adapters_change(tmp_path):
     assert lora_target_modules([a, b]) == ["o_proj", "q_proj", "v_proj"]
     assert lora_target_modules([a, adapter("c", ".*proj")]) is None
     assert lora_target_modules([a, tmp_path / "missing"]) is None
+
+
+def test_the_engine_filter_names_peft_and_vllms_packed_modules():
+    """Evaluation's engine and the train stage's share one filter: each PEFT name and the packed
+    module vLLM fuses it into, so the adapter applies whichever naming a vLLM release matches."""
+    from pipeline import adapter_sync
+    from pipeline.vllm_generator import engine_lora_options
+
+    assert adapter_sync.engine_lora_options is engine_lora_options
+    options = engine_lora_options(16, ["q_proj", "v_proj", "o_proj", "up_proj"])
+    assert options["lora_target_modules"] == ["q_proj", "v_proj", "o_proj", "up_proj", "qkv_proj", "gate_up_proj"]
+    assert (options["max_lora_rank"], options["max_loras"]) == (16, 1)
+    assert "lora_target_modules" not in engine_lora_options(8, None)  # a pattern: no filter
