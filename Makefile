@@ -63,12 +63,12 @@ CHECK_VENDOR     = case "$(VENDOR)" in rocm|cuda|cpu) ;; *) echo "error: VENDOR 
 RUN_SH           = bash docker/run.sh --vendor $(VENDOR) --image $(GPU_IMAGE) --uid $(IMAGE_UID)
 
 # ---- where the pipeline targets run: here or in the image, decided by docker/run.sh ------------
-PIPELINE_TARGETS := train repro evaluate sweep infer bench bench-gpu
+PIPELINE_TARGETS := train repro evaluate publish sweep infer bench bench-gpu
 $(PIPELINE_TARGETS):
 	+@$(RUN_SH) $@
 
 .PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-overlap bench-gpu infer image shell image-train image-repro \
-        sweep _train _repro _evaluate _sweep _bench _bench-gpu _infer
+        publish sweep _train _repro _evaluate _publish _sweep _bench _bench-gpu _infer
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -125,6 +125,11 @@ evaluate:  ## make evaluate RUN_ID=v1 [PRESET=demo]: base vs adapter on the eval
 _evaluate: setup
 	@test -n "$(RUN_ID)" || { echo "usage: make evaluate RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
 	@$(RUN) --run-id '$(RUN_ID)' $(if $(PRESET),--preset '$(PRESET)') evaluate
+
+publish:  ## make publish RUN_ID=v1 [PRESET=demo]: register the run (make infer RUN_ID=v1 finds it) and push it when publish.push_to_hub
+_publish: setup
+	@test -n "$(RUN_ID)" || { echo "usage: make publish RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
+	@$(RUN) --run-id '$(RUN_ID)' $(if $(PRESET),--preset '$(PRESET)') publish
 
 bench:  ## CPU benchmarks (reward scoring, prepare); tables in docs/performance.md
 _bench: setup

@@ -40,6 +40,7 @@ from pipeline.infer_runs import RunTarget, resolve_runs
 from pipeline.params import PARAMS_FILE, Params, load_params_or_exit
 
 logger = logging.getLogger("pipeline.infer")
+ANSWER_TYPES = ("integer", "float", "list")  # the answer types whose hint pipeline.prompts words
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,8 +63,7 @@ def run_inference(targets: list[RunTarget], images: list[ImageSource], params: P
     results: list[Result] = []
     if not usable:
         return results
-    job = _Job(usable, params, args, prompts.conversation(prompts.user_text(args.prompt), args.system_prompt),
-               results)
+    job = _Job(usable, params, args, results)
     for (base_model, revision), members in groups.items():
         members.sort(key=lambda t: t.adapter is not None)  # stable: the base model before adapters
         _run_group(base_model, revision, members, job)
@@ -77,17 +77,23 @@ class _Job:
     usable: list[ImageSource]
     params: Params
     args: Any
-    conversation: list[dict]
     results: list[Result]
     cache: dict[ImageRules, list] = field(default_factory=dict)  # → [(source, image, error)]
     reported: set[str] = field(default_factory=set)  # an unusable image is reported once, not once per run
+
+    def system_prompt(self, target: RunTarget) -> str:
+        return self.args.system_prompt if self.args.system_prompt is not None else target.system_prompt
+
+    def conversation(self, target: RunTarget) -> list[dict]:
+        """The run's own system prompt and the user turn built as in training (pipeline.prompts)."""
+        return prompts.conversation(self.args.user_text, self.system_prompt(target))
 
     def add(self, target: RunTarget, prepared: list[ImageSource], generations, backend: str) -> None:
         for source, generation in zip(prepared, generations, strict=True):
             answer, format_ok = score(generation.text)
             self.results.append(Result(target.run_id, source.source, generation.text, answer, format_ok,
                                        generation.num_tokens, generation.truncated, target.adapter_source,
-                                       generation.error, backend))
+                                       generation.error, backend, self.system_prompt(target)))
 
 
 def _base_error(base_model: str, error: Exception) -> str:
@@ -110,7 +116,7 @@ def _run_group(base_model: str, revision: str, members: list[RunTarget], job: _J
         def prepare():
             done.add(target.run_id)
             prepared[target.run_id], batch_images = _prepare_images(target, job)
-            return [job.conversation] * len(batch_images), batch_images
+            return [job.conversation(target)] * len(batch_images), batch_images
         return prepare
 
     requests = [serving.Request(t.adapter, f"infer {t.run_id}", inputs(t)) for t in members]
@@ -165,8 +171,14 @@ def build_parser(params: Params | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--image_path", action="append", required=True,
                         help="image file, folder of images, http(s) URL, or a comma list of these (repeatable)")
     parser.add_argument("--prompt", required=True, help="the question asked about every image")
-    parser.add_argument("--system_prompt", default=answer_format.SYSTEM_PROMPT,
-                        help="system message (default: the one used in training)")
+    parser.add_argument("--answer_type", choices=ANSWER_TYPES,
+                        help="adds training's answer hint to the question (integer: 'Give an integer.'), as the "
+                             "run's training and evaluation prompts had it")
+    parser.add_argument("--choices", help="comma list of options: asked as a multiple-choice question, as in training")
+    parser.add_argument("--unit", help="the answer's unit, hinted as in training")
+    parser.add_argument("--precision", type=int, help="decimal places of a numeric answer, hinted as in training")
+    parser.add_argument("--system_prompt", default=None,
+                        help="system message (default: each run's own, recorded when it was published)")
     parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens if defaults else 512)
     parser.add_argument("--temperature", type=float, default=defaults.temperature if defaults else 0.0,
                         help="0 = greedy")
@@ -203,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature < 0 or args.url_timeout <= 0:
         print("error: --temperature must be >= 0 and --url_timeout > 0", file=sys.stderr)
         return 2
+    if args.precision is not None and args.precision < 0:
+        print("error: --precision must be >= 0 (decimal places)", file=sys.stderr)
+        return 2
+    choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
+    args.user_text = prompts.user_text(args.prompt, choices, args.unit, args.precision, args.answer_type)
     logs.configure()
     try:
         args.generation_backend = select_backend(args.backend)

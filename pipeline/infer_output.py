@@ -30,6 +30,7 @@ class Result:
     adapter: str | None = None
     error: str | None = None
     backend: str | None = None  # vllm or transformers: what generated the response
+    system_prompt: str | None = None  # the run's own (recorded when it was published) unless --system_prompt
 
 
 
@@ -65,7 +66,7 @@ def persist(results: list[Result], args, stamp: str, root: Path = RESULTS_ROOT) 
 
     root.mkdir(parents=True, exist_ok=True)
     jsonl, page = root / f"{stamp}.jsonl", root / f"{stamp}.md"
-    common = {"prompt": args.prompt, "system_prompt": args.system_prompt, "max_new_tokens": args.max_new_tokens,
+    common = {"prompt": args.prompt, "user_text": args.user_text, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature}
     atomic_write(jsonl, "".join(json.dumps({**asdict(r), **common}, ensure_ascii=False) + "\n" for r in results))
     ok = [r for r in results if not r.error]
@@ -73,8 +74,8 @@ def persist(results: list[Result], args, stamp: str, root: Path = RESULTS_ROOT) 
     lines = [
         f"# Inference {stamp}",
         "",
-        f"- prompt: {_md(args.prompt)}",
-        f"- system prompt: {_md(args.system_prompt)}",
+        f"- prompt as sent: {_md(args.user_text)}",
+        *(f"- system prompt: {_md(system)}" for system in sorted({r.system_prompt for r in ok if r.system_prompt})),
         f"- generation: max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, "
         f"batch size {args.batch_size}, backend {', '.join(sorted({r.backend for r in results if r.backend})) or '—'}",
         f"- {len(ok)} responses, {len(problems)} problems; machine-readable: `{jsonl.name}`",
@@ -102,7 +103,8 @@ def log_to_wandb(results: list[Result], images: list[ImageSource], params: Param
     RESULTS_ROOT.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=params.tracking.wandb_project, job_type="inference", name=f"infer-{stamp}",
                      mode=mode, dir=str(RESULTS_ROOT), settings=wandb.Settings(console="off"),
-                     config={"prompt": args.prompt, "system_prompt": args.system_prompt,
+                     config={"prompt": args.prompt, "user_text": args.user_text,
+                             "system_prompts": sorted({r.system_prompt for r in results if r.system_prompt}),
                              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                              "runs": sorted({r.run_id for r in results if r.run_id})})
     data = {image.source: image.data for image in images if image.data is not None}

@@ -6,10 +6,12 @@ otherwise the run's error says how to bring it back.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import registry
+from pipeline.answer_format import SYSTEM_PROMPT
 from pipeline.images import ImageRules
 from pipeline.infer_images import split_list
 from pipeline.params import OUTPUT_ROOT, Params
@@ -28,6 +30,7 @@ class RunTarget:
     adapter: str | None = None  # local folder with adapter_config.json; None for the base model
     adapter_source: str | None = None  # what to tell the user: a path or repo@revision
     preprocessing: dict = field(default_factory=dict)
+    system_prompt: str = SYSTEM_PROMPT  # the one the run was trained and evaluated with, from its record
     error: str | None = None
     warning: str | None = None
 
@@ -63,14 +66,21 @@ def resolve_runs(specs: list[str], params: Params) -> list[RunTarget]:
                                      preprocessing=ImageRules.from_params(params).record()))
         elif run_id in entries:
             targets.append(locate_adapter(run_id, entries[run_id]))
-        elif (entry := entry_from_experiment(run_id, registry_file)) is not None:
+        elif (entry := entry_from_experiment(run_id)) is not None:
             targets.append(locate_adapter(run_id, entry))
         else:
-            known = ", ".join(sorted(entries)) or "none registered yet"
-            reason = registry_error or f"unknown run id (known: {known}; or 'all', 'base')"
-            targets.append(RunTarget(run_id, error=reason))
+            targets.append(RunTarget(run_id, error=registry_error or unknown_run(run_id, entries)))
     return targets
 
+
+
+def unknown_run(run_id: str, entries: dict) -> str:
+    """Why a run id cannot be served, and the one command that would fix it."""
+    if experiment_commits(run_id):
+        return (f"run {run_id!r} was not published (train and evaluate do not register a run): "
+                f"`make publish RUN_ID={run_id}` registers it")
+    known = ", ".join(sorted(entries)) or "none registered yet"
+    return f"unknown run id (known: {known}; or 'all', 'base'); a run is registered by `make publish RUN_ID=<id>`"
 
 
 def locate_adapter(run_id: str, entry: dict) -> RunTarget:
@@ -78,7 +88,8 @@ def locate_adapter(run_id: str, entry: dict) -> RunTarget:
     from pipeline.publish import folder_digest, hub_token, redact
 
     target = RunTarget(run_id, entry.get("base_model", ""), entry.get("base_model_revision") or "main",
-                       preprocessing=entry.get("image_preprocessing") or {})
+                       preprocessing=entry.get("image_preprocessing") or {},
+                       system_prompt=entry.get("system_prompt") or SYSTEM_PROMPT)
     local = Path(entry.get("adapter_path") or f"{OUTPUT_ROOT}/{run_id}/adapter")
     recorded = entry.get("adapter_digest")
     here = (local / "adapter_config.json").is_file()
@@ -129,20 +140,23 @@ def experiment_commits(run_id: str) -> list[str]:
             if ref.rsplit("/", 1)[-1] == run_id]
 
 
-def entry_from_experiment(run_id: str, registry_file: Path) -> dict | None:
-    """The run's registry entry as its own experiment committed it: each experiment carries the
-    registry of its working copy, so a run published in another experiment is found there."""
-    import subprocess
+def entry_from_experiment(run_id: str) -> dict | None:
+    """The run's registry entry as its DVC experiment recorded it: the publish stage's cached output
+    (outputs/<run_id>/publish.json), for a run published in DVC's queue or in another clone
+    (`dvc exp pull`). None when no experiment of that name was published."""
+    commits = experiment_commits(run_id)
+    if not commits:
+        return None
+    from dvc.api import DVCFileSystem
 
-    for commit in experiment_commits(run_id):
-        shown = subprocess.run(["git", "show", f"{commit}:{registry_file}"], capture_output=True, text=True)
-        if shown.returncode != 0:
-            continue
+    record = f"{OUTPUT_ROOT}/{run_id}/publish.json"
+    for commit in commits:
         try:
-            entry = registry.parse(shown.stdout, f"{registry_file} of experiment {run_id!r}")["runs"].get(run_id)
-        except registry.RegistryError:
+            with DVCFileSystem(".", rev=commit).open(record) as f:
+                entry = json.load(f)
+        except Exception:  # noqa: BLE001 - not published in that experiment, or not in this clone's cache
             continue
-        if entry is not None:
+        if isinstance(entry, dict) and entry.get("run_id") == run_id:
             return entry
     return None
 

@@ -331,7 +331,7 @@ class PublishParams(_Section):
     push_to_hub: bool = False
     hub_repo_id: str | None = None
     hub_private: bool = True  # a new Hub repo is created private: publishing is a deliberate second step
-    registry_file: str = "registry.json"
+    registry_file: str = "outputs/registry.json"
 
     @model_validator(mode="after")
     def _repo_when_pushing(self) -> PublishParams:

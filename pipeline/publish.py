@@ -36,16 +36,17 @@ from typing import Any
 import yaml
 
 from pipeline import logs, registry
+from pipeline.answer_format import SYSTEM_PROMPT
 from pipeline.images import ImageRules
 from pipeline.params import Params, Reports, load_params_or_exit
 
 logger = logging.getLogger("pipeline.publish")
-DOC = Path("docs/model_registry.md")
 DOTENV = Path(".env")
 IMAGE_TAG_ENV = "IMAGE_TAG"  # set by the container build; absent on a laptop
 CARD_TAGS = ["grpo", "lora", "peft", "trl", "vision-language", "qwen-vl"]
 # Files the pipeline itself rewrites during a run: changes to them do not make the code "dirty".
-PIPELINE_WRITTEN = ("params.yaml", "dvc.lock", "registry.json", "docs/model_registry.md")
+PIPELINE_WRITTEN = ("params.yaml", "dvc.lock")
+PIPELINE_WRITTEN_DIRS = ("reports/",)
 HUB_FIELDS = ("hub_repo_id", "hub_status", "hub_commit", "hub_revision", "hub_tag", "hub_url", "pushed_at",
               "hub_error")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -101,7 +102,7 @@ def git_dirty() -> bool | None:
     if status is None:
         return None
     changed = [line[3:].strip() for line in status.splitlines() if line.strip()]
-    return any(path not in PIPELINE_WRITTEN for path in changed)
+    return any(path not in PIPELINE_WRITTEN and not path.startswith(PIPELINE_WRITTEN_DIRS) for path in changed)
 
 
 def dvc_hashes(run_root: Path, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
@@ -185,8 +186,9 @@ def registry_fields(params: Params) -> dict:
         "base_model_fingerprint": folder_digest(Path(model.name_or_path), FULL_HASH_LIMIT) if base_is_local else None,
         "dataset": params.data.source,
         "dataset_split": params.data.split,
-        # what pipeline.infer needs to feed new images exactly as training and evaluation saw them
+        # what pipeline.infer needs to feed new images and prompts exactly as training and evaluation saw them
         "image_preprocessing": ImageRules.from_params(params).record(),
+        "system_prompt": SYSTEM_PROMPT,
         "dvc_hashes": dvc_hashes(root),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
@@ -338,12 +340,12 @@ def push_adapter(params: Params, entry: dict, token: str, registry_file: Path, a
                                                     f"{entry.get('git_commit')}")
         commit = info.oid
         entry = registry.upsert(registry_file, run_id, {"hub_commit": commit, "hub_url": info.commit_url},
-                                doc=DOC)
+                                doc=registry.doc_path(registry_file))
     _tag(api, repo_id, run_id, commit)
     return registry.upsert(registry_file, run_id, {
         "hub_status": registry.HUB_PUSHED, "hub_revision": commit, "hub_tag": run_id, "pushed_at": _now(),
         "hub_error": None,
-    }, doc=DOC)
+    }, doc=registry.doc_path(registry_file))
 
 
 def _tag(api, repo_id: str, run_id: str, commit: str) -> None:
@@ -384,8 +386,9 @@ def publish(params: Params, env: Mapping[str, str] | None = None, api=None) -> t
         fields.update(dict.fromkeys(HUB_FIELDS))
         fields["hub_status"] = registry.HUB_PENDING if params.publish.push_to_hub else registry.HUB_DISABLED
         fields["hub_repo_id"] = repo_id if params.publish.push_to_hub else None
-    entry = registry.upsert(registry_file, params.run_id, fields, doc=DOC)
-    where = f"run {params.run_id!r} registered in {registry_file} and {DOC}"
+    doc = registry.doc_path(registry_file)
+    entry = registry.upsert(registry_file, params.run_id, fields, doc=doc)
+    where = f"run {params.run_id!r} registered in {registry_file} and {doc}"
 
     if entry.get("hub_status") == registry.HUB_PUSHED:
         return entry, f"{where}; already on the Hub: {entry['hub_repo_id']}@{entry['hub_revision']} (nothing to push)"
@@ -404,7 +407,7 @@ def publish(params: Params, env: Mapping[str, str] | None = None, api=None) -> t
         else:
             return entry, (f"{where}; pushed to the Hub: {repo_id}@{entry['hub_revision']} "
                            f"(tag {entry['hub_tag']!r})")
-    entry = registry.upsert(registry_file, params.run_id, {"hub_error": reason}, doc=DOC)
+    entry = registry.upsert(registry_file, params.run_id, {"hub_error": reason}, doc=doc)
     partial = f" (files are in Hub commit {entry['hub_commit']}, tag missing)" if entry.get("hub_commit") else ""
     return entry, (f"{where}; NOTHING pushed to the Hub{partial}: {reason}. The entry is marked "
                    "hub_status: pending; run `python -m pipeline.publish` again to complete the push")

@@ -1,7 +1,11 @@
-"""The model registry: one human-readable JSON file in the repo, one entry per run id.
+"""The model registry: one human-readable JSON file, one entry per published run id.
 
-Why a plain file and not a service: it is versioned with the code (each DVC experiment commits it),
-diffable in review, and readable without any tool. Its two hazards are handled here:
+Why a plain file and not a service: diffable and readable without any tool. It lives under outputs/
+(`publish.registry_file`, git-ignored), so it belongs to the working copy, not to one experiment:
+it grows with every run published here, and `dvc exp apply` of one run drops no other. Each run's
+own entry also travels with its experiment, as the publish stage's cached output
+(outputs/<run_id>/publish.json), which is where `pipeline.infer_runs` finds a run published in
+another working copy or in DVC's queue. Its two hazards are handled here:
 
 - concurrent writers (two runs publishing at once, a retry racing a stage) serialise on a lock
   file next to the registry, and each one re-reads the file under the lock, so no entry is lost;
@@ -9,8 +13,8 @@ diffable in review, and readable without any tool. Its two hazards are handled h
   same folder, is fsynced, then renamed over the old one (atomic on POSIX). Readers take no lock:
   they see the old file or the new one, never a mix.
 
-`docs/model_registry.md` is rendered from the same data inside the same lock, so the doc can never
-describe an older registry than the JSON next to it.
+`model_registry.md` next to it (`doc_path`) is rendered from the same data inside the same lock, so
+the page can never describe an older registry than the JSON next to it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ HUB_PUSHED, HUB_PENDING, HUB_DISABLED = "pushed", "pending", "disabled"
 
 class RegistryError(RuntimeError):
     pass
+
+
+def doc_path(path: Path | str) -> Path:
+    """The registry's human-readable page, next to the JSON."""
+    return Path(path).with_name("model_registry.md")
 
 
 def empty() -> dict[str, Any]:
@@ -168,8 +177,8 @@ def render_markdown(data_or_path: Mapping[str, Any] | Path | str, source_name: s
         "",
         f"Generated from `{source_name}` by the publish stage (`pipeline/registry.py`); do not edit by hand.",
         "Run any entry on your own images with `python -m pipeline.infer --run_id <run id> --image_path <dir>`",
-        "(see `docs/inference_guide.md`). The working copy holds only the last run's outputs: bring another",
-        "run's adapter back with `dvc exp apply <run id>`, or use its Hub revision when it has one.",
+        "(see `docs/inference_guide.md`); it finds each run's adapter in the working copy, in the run's DVC",
+        "experiment, or at its Hub revision.",
         "",
         "| run id | base model | adapter | Hub | accuracy (base → adapter) | strict format (base → adapter) "
         "| DVC data / adapter | git commit | params | registered |",

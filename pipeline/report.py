@@ -1,8 +1,10 @@
 """The evaluation report: a before/after table per category, a bar chart and side-by-side samples.
 
 Generated from a run's metrics.json and predictions.jsonl by the evaluate stage, so the published
-numbers are always the measured ones: docs/results_comparison.md (the latest run),
-docs/sample_outputs/<run_id>.md, and reports/eval_comparison.csv for `dvc plots diff`.
+numbers are always the measured ones. Everything goes under reports/, which each DVC experiment
+commits: reports/results.md and results.png (the table and chart), reports/sample_outputs.md
+(side-by-side answers) and reports/eval_comparison.csv for `dvc plots diff`. Nothing is written
+into docs/: a run leaves the hand-written files as they were.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 from pipeline.params import Reports
 
-DOCS = Path("docs")
+RESULTS = Path("reports/results.md")  # with results.png next to it
+SAMPLE_OUTPUTS = Path("reports/sample_outputs.md")
 SAMPLES = 6
 OVERALL = ("accuracy", "strict_format", "soft_format", "extraction_rate", "truncation_rate")
 
@@ -59,7 +62,7 @@ def markdown(run_id: str, metrics: dict, chart: str | None) -> str:
                          f"{stats['accuracy'] - before:+.3f} |")
     if chart:
         lines += ["", f"![base vs adapter]({chart})"]
-    lines += ["", f"Side-by-side answers: [sample_outputs/{run_id}.md](sample_outputs/{run_id}.md).", ""]
+    lines += ["", f"Side-by-side answers: [{SAMPLE_OUTPUTS.name}]({SAMPLE_OUTPUTS.name}).", ""]
     return "\n".join(lines)
 
 
@@ -111,9 +114,7 @@ def write_all(run_id: str, metrics: dict, predictions: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["group", "model", "value"])
         writer.writeheader()
         writer.writerows(rows)
-    chart = DOCS / "results_comparison.png"
-    DOCS.mkdir(exist_ok=True)
+    chart = RESULTS.with_suffix(".png")
     bar_chart(rows, chart)
-    (DOCS / "results_comparison.md").write_text(markdown(run_id, metrics, chart.name))
-    (DOCS / "sample_outputs").mkdir(exist_ok=True)
-    (DOCS / "sample_outputs" / f"{run_id}.md").write_text(samples_markdown(run_id, predictions))
+    RESULTS.write_text(markdown(run_id, metrics, chart.name))
+    SAMPLE_OUTPUTS.write_text(samples_markdown(run_id, predictions))

@@ -77,12 +77,13 @@ def test_report_matches_the_metrics(tmp_path, metrics, monkeypatch):
                                 "adapter": {"prediction": adapter.text, "error": None, "correct": True,
                                             "strict_format": True}}) + "\n")
     report.write_all("r1", metrics, predictions)
-    text = (tmp_path / "docs" / "results_comparison.md").read_text()
+    text = (tmp_path / "reports" / "results.md").read_text()
     assert "| accuracy | 0.500 (" in text and "| 0.750 (" in text and "+0.250 |" in text
     assert "| strict format | 0.250 | 1.000 | +0.750 |" in text
     assert "| counting | 3 | 0.333 | 0.667 | +0.333 |" in text
-    assert (tmp_path / "docs" / "results_comparison.png").stat().st_size > 1000
-    assert "(no output: boom)" in (tmp_path / "docs" / "sample_outputs" / "r1.md").read_text()
+    assert (tmp_path / "reports" / "results.png").stat().st_size > 1000
+    assert "(no output: boom)" in (tmp_path / "reports" / "sample_outputs.md").read_text()
+    assert not (tmp_path / "docs").exists()  # a run never writes into the hand-written docs
     csv_rows = (tmp_path / "reports" / "eval_comparison.csv").read_text().splitlines()
     assert csv_rows[0] == "group,model,value" and "overall: accuracy,adapter,0.75" in csv_rows
 

@@ -83,8 +83,8 @@ def ws(tmp_path_factory, embedded_root) -> Path:
         Workspace(root, embedded_root).write_params(demo_params("demo", evaluate__backend="transformers"))
         gone = demo_params("demo", publish__registry_file="registry_gone.json", evaluate__backend="transformers")
         (root / "params_gone.yaml").write_text(yaml.safe_dump(gone, sort_keys=False))
-        shutil.copy(root / "registry.json", root / "registry_gone.json")
-        registry.upsert("registry_gone.json", "gone", {**registry.get("registry.json", "v2"),
+        shutil.copy(root / "outputs" / "registry.json", root / "registry_gone.json")
+        registry.upsert("registry_gone.json", "gone", {**registry.get("outputs/registry.json", "v2"),
                                                        "adapter_path": "outputs/gone/adapter"})
     images = root / "images_in"
     images.mkdir()
@@ -146,6 +146,31 @@ def test_all_runs_batched_with_failures_reported_per_item(in_ws, monkeypatch, ca
     assert infer.main(["--run_id", "v2", "--image_path", "images_in", "--prompt", PROMPT, "--max_new_tokens", "12",
                        "--persist_result_local"]) == 0
     assert [r["response"] for r in _records(in_ws)] == by_run["v2"]
+
+
+def test_the_question_is_asked_as_the_run_was_trained(in_ws, monkeypatch):
+    """The user turn gets training's answer hint (pipeline.prompts) and each run its own recorded
+    system prompt; --system_prompt replaces it for every run."""
+    from pipeline import generation
+    from pipeline.answer_format import SYSTEM_PROMPT
+
+    sent = []
+    real_generate = generation.generate_batched
+    monkeypatch.setattr(generation, "generate_batched", lambda model, processor, conversations, images, **kw: (
+        sent.append((kw["desc"], conversations[0])) or real_generate(model, processor, conversations, images, **kw)))
+    assert infer.main(["--run_id", "demo", "--image_path", "images_in/a.png", "--prompt", PROMPT,
+                       "--answer_type", "integer", "--max_new_tokens", "4", "--persist_result_local"]) == 0
+    (desc, conversation), = sent
+    assert conversation[0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert conversation[1]["content"] == f"{PROMPT}\nGive an integer."
+    assert _records(in_ws)[0]["user_text"] == f"{PROMPT}\nGive an integer."
+    assert infer.main(["--run_id", "demo", "--image_path", "images_in/a.png", "--prompt", "Which bar?",
+                       "--choices", "red, blue", "--system_prompt", "Be brief.", "--max_new_tokens", "4"]) == 0
+    assert sent[-1][1] == [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "Which bar?\nChoices:\n(A) red\n(B) blue\n"
+                                                       "Answer with the option's letter."}]
+    entry = {**registry.get("outputs/registry.json", "v2"), "system_prompt": "The run's own."}
+    assert infer_runs.locate_adapter("v2", entry).system_prompt == "The run's own."
 
 
 @pytest.fixture
@@ -210,12 +235,13 @@ def test_entry_point_exit_codes_without_loading_a_model(ws):
 
 
 def test_missing_adapter_with_hub_revision_says_how_to_restore(in_ws):
-    entry = {**registry.get("registry.json", "v2"), "adapter_path": "outputs/elsewhere/adapter",
+    entry = {**registry.get("outputs/registry.json", "v2"), "adapter_path": "outputs/elsewhere/adapter",
              "hub_repo_id": "me/grpo", "hub_revision": "f" * 40}
     target = infer_runs.locate_adapter("old", entry)  # HF_HUB_OFFLINE=1 in tests: the Hub fetch fails
     assert target.adapter is None
     assert "me/grpo@" + "f" * 40 in target.error and "dvc exp apply old" in target.error
-    local = infer_runs.locate_adapter("v2", {**registry.get("registry.json", "v2"), "adapter_digest": "sha256:0"})
+    retrained = {**registry.get("outputs/registry.json", "v2"), "adapter_digest": "sha256:0"}
+    local = infer_runs.locate_adapter("v2", retrained)
     assert local.adapter == "outputs/v2/adapter" and "retrained" in local.warning
 
 

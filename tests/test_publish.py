@@ -19,6 +19,7 @@ from conftest import REPO, demo_params
 
 from pipeline import publish as pub
 from pipeline import registry
+from pipeline.answer_format import SYSTEM_PROMPT
 from pipeline.params import parse_params
 
 FAKE_TOKEN = "hf_PLANTEDfakeTOKENdoNOTleak0123456789"
@@ -60,17 +61,18 @@ def test_default_registers_locally_and_says_nothing_was_pushed(tmp_path):
     result = _run_stage(root)
     assert result.returncode == 0, result.stderr
     assert "NOTHING pushed to the Hub (publish.push_to_hub is false)" in result.stderr
-    entry = registry.get(root / "registry.json", "pub1")
+    entry = registry.get(root / "outputs" / "registry.json", "pub1")
     assert entry["hub_status"] == "disabled" and entry["hub_revision"] is None
     assert entry["adapter_path"] == "outputs/pub1/adapter" and entry["adapter_digest"].startswith("sha256:")
     assert entry["base_model"] == "assets/embedded/tiny-qwen2_5_vl" and entry["base_model_revision"] == "main"
     assert entry["metrics"]["adapter"]["accuracy"] == 0.2241 and entry["params_digest"]
     assert entry["image_preprocessing"]["factor"] == 16  # the demo preset's, for pipeline.infer
+    assert entry["system_prompt"] == SYSTEM_PROMPT  # infer asks as training asked
     for key in ("dvc_hashes", "git_commit", "registered_at", "image_tag"):
         assert key in entry
     record = json.loads((root / "outputs" / "pub1" / "publish.json").read_text())
     assert record == {key: value for key, value in entry.items() if key not in ("registered_at", "pushed_at")}
-    assert "| pub1 |" in (root / "docs" / "model_registry.md").read_text()
+    assert "| pub1 |" in (root / "outputs" / "model_registry.md").read_text()
 
 
 def test_push_without_token_is_pending_not_a_failure(tmp_path):
@@ -78,9 +80,9 @@ def test_push_without_token_is_pending_not_a_failure(tmp_path):
     result = _run_stage(root)
     assert result.returncode == 0, result.stderr
     assert "NOTHING pushed to the Hub: no HF_TOKEN in the environment or .env" in result.stderr
-    entry = registry.get(root / "registry.json", "pub1")
+    entry = registry.get(root / "outputs" / "registry.json", "pub1")
     assert entry["hub_status"] == "pending" and entry["hub_repo_id"] == "me/grpo"
-    assert "pending (me/grpo)" in (root / "docs" / "model_registry.md").read_text()
+    assert "pending (me/grpo)" in (root / "outputs" / "model_registry.md").read_text()
 
 
 def test_unreachable_hub_fails_fast_stays_pending_and_never_writes_the_token(tmp_path):
@@ -90,11 +92,11 @@ def test_unreachable_hub_fails_fast_stays_pending_and_never_writes_the_token(tmp
     assert result.returncode == 0, result.stderr
     assert "NOTHING pushed to the Hub: the push failed" in result.stderr
     assert "run `python -m pipeline.publish` again" in result.stderr
-    entry = registry.get(root / "registry.json", "pub1")
+    entry = registry.get(root / "outputs" / "registry.json", "pub1")
     assert entry["hub_status"] == "pending" and entry["hub_revision"] is None and entry["hub_error"]
     assert entry["image_tag"] == "grpo-qwen-vl:1.2.3"
     written = _all_text(root)
-    assert "registry.json" in str(list(root.iterdir()))
+    assert (root / "outputs" / "registry.json").is_file()
     assert FAKE_TOKEN not in written and FAKE_TOKEN not in result.stdout + result.stderr
     assert FAKE_TOKEN not in yaml.safe_dump(demo_params("pub1"))  # nor in what dvc.lock would record
 
@@ -187,7 +189,7 @@ def test_push_failing_half_way_is_pending_and_a_retry_completes_it(tmp_path, mon
     assert "tag missing" in outcome and FAKE_TOKEN not in outcome and FAKE_TOKEN not in entry["hub_error"]
     assert hub.calls[1] == ("create_commit", ["README.md", "adapter_config.json", "adapter_model.safetensors"])
     assert b"library_name: peft" in hub.readme and b"peft's template card" not in hub.readme
-    assert registry.get("registry.json", "half")["hub_status"] == "pending"  # consistent on disk, too
+    assert registry.get("outputs/registry.json", "half")["hub_status"] == "pending"  # consistent on disk, too
 
     entry, outcome = pub.publish(params, env=env, api=hub)  # retry: tags the existing commit, no re-upload
     assert hub.commits == 1 and hub.tags == {"half": f"{1:040x}"}
@@ -209,4 +211,4 @@ def test_publish_refuses_a_run_without_adapter(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="no adapter in outputs/nothing/adapter"):
         pub.publish(parse_params(demo_params("nothing")))
-    assert not (tmp_path / "registry.json").exists()
+    assert not (tmp_path / "outputs" / "registry.json").exists()
