@@ -89,8 +89,9 @@ else
 	@bash scripts/setup_cpu_env.sh
 endif
 
-check: setup  ## validate what `make train` with the same PRESET=… RUN_ID=… would run, in a few seconds
-	@$(PYTHON) -m pipeline.experiments --check $(if $(PRESET),--preset '$(PRESET)') $(if $(RUN_ID),--run-id '$(RUN_ID)')
+check: setup  ## validate what `make train` with the same PRESET=… RUN_ID=… SET=… would run, in a few seconds
+	@$(PYTHON) -m pipeline.experiments --check $(if $(PRESET),--preset '$(PRESET)') $(if $(RUN_ID),--run-id '$(RUN_ID)') \
+	  $(foreach spec,$(SET),--set '$(spec)')
 
 embedded: setup  ## build the tiny models and the synthetic dataset under assets/embedded (the DVC stage)
 	@dvc repro embedded
@@ -98,14 +99,16 @@ embedded: setup  ## build the tiny models and the synthetic dataset under assets
 # One run = one DVC experiment named after its run id: the committed params.yaml plus the
 # preset's overrides (dvc exp run -S). DVC skips every stage whose inputs did not change.
 # FORCE=1 removes a finished run of the same id first (otherwise it is kept until the rerun succeeds).
-RUN = $(PYTHON) -m pipeline.experiments $(if $(NPROC),--set train.num_processes=$(NPROC)) $(if $(FORCE),--force)
+# SET='train.max_steps=12 lora.r=8' changes parameters for this run only (DVC records them in the run).
+RUN = $(PYTHON) -m pipeline.experiments $(if $(NPROC),--set train.num_processes=$(NPROC)) $(if $(FORCE),--force) \
+      $(foreach spec,$(SET),--set '$(spec)')
 
 demo: setup  ## run the whole pipeline on the embedded default (CPU, no Hub)
 	@$(RUN) --run-id demo --preset demo
 	@$(PYTHON) -m pipeline.summary demo
 
 # The pipeline targets' native recipes (`make train` reaches `_train` through docker/run.sh).
-train:  ## make train RUN_ID=v1 [PRESET=demo] [NPROC=8]: reproduce the train stage (and what it needs)
+train:  ## make train RUN_ID=v1 [PRESET=demo] [SET='train.max_steps=12'] [NPROC=8]: reproduce the train stage (and what it needs)
 _train: setup
 	@test -n "$(RUN_ID)" || { echo "usage: make train RUN_ID=<id> [PRESET=demo]" >&2; exit 2; }
 	@$(RUN) --run-id '$(RUN_ID)' $(if $(PRESET),--preset '$(PRESET)') train
@@ -119,7 +122,7 @@ sweep:  ## make sweep RUN_ID=lr GRID='train.learning_rate=1e-3,3e-3' [PRESET=dem
 _sweep: setup
 	@test -n "$(RUN_ID)" && test -n "$(GRID)" || { echo "usage: make sweep RUN_ID=<prefix> GRID='key=v1,v2 [key2=…]' [PRESET=demo] [JOBS=2]" >&2; exit 2; }
 	@$(PYTHON) -m pipeline.experiments --run-id '$(RUN_ID)' $(if $(PRESET),--preset '$(PRESET)') \
-	  $(foreach spec,$(GRID),--grid '$(spec)') --jobs $(or $(JOBS),1)
+	  $(foreach spec,$(GRID),--grid '$(spec)') $(foreach spec,$(SET),--set '$(spec)') --jobs $(or $(JOBS),1)
 
 evaluate:  ## make evaluate RUN_ID=v1 [PRESET=demo]: base vs adapter on the eval split (and what it needs)
 _evaluate: setup

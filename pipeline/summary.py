@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from pipeline import registry, report
 from pipeline.params import OUTPUT_ROOT, Reports, load_params_or_exit
 
 
@@ -23,7 +24,10 @@ def main() -> None:
     print(f"  metrics:   {metrics_file}")
     print(f"  adapter:   {root / 'adapter'}")
     print(f"  plots:     {Reports.train_curves / 'plots'}, {Reports.comparison}  (dvc plots show)")
-    print(f"  registry:  {params.publish.registry_file} (entry {run_id!r}), docs/model_registry.md")
+    print(f"  report:    {report.RESULTS}, {report.SAMPLE_OUTPUTS}")
+    print(f"  registry:  {params.publish.registry_file} (entry {run_id!r}), "
+          f"{registry.doc_path(params.publish.registry_file)}")
+    print(f"  try it:    make infer RUN_ID={run_id} IMAGES=<image or folder> PROMPT=\"…\" (docs/inference_guide.md)")
     print(f"  compare runs: make compare, dvc metrics diff {run_id} <other run>, dvc plots diff {run_id} <other run>")
 
 

@@ -28,6 +28,36 @@ def embedded_root() -> Path:
     return REPO / build_all(ROOT)
 
 
+def git_env() -> dict[str, str]:
+    """This environment with the test's Python first on PATH (dvc, python) and a git identity for the
+    commits DVC experiments make."""
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid", GIT_COMMITTER_NAME="ci",
+               GIT_COMMITTER_EMAIL="ci@example.invalid", PYTHONUNBUFFERED="1")
+    return env
+
+
+def clone_repo(dest: Path, cache: Path) -> Path:
+    """A fresh clone of the committed project whose DVC cache is `cache`, with the test's environment
+    as its `.venv` (`make setup` finds it up to date). A cache shared by several clones builds the
+    embedded default once and lets DVC's run cache restore a stage another clone already ran."""
+    import subprocess
+    import sys
+
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    subprocess.run(["dvc", "cache", "dir", "--local", str(cache)], cwd=dest, env=git_env(), check=True)
+    (dest / ".venv").symlink_to(Path(sys.executable).parents[1])
+    return dest
+
+
+@pytest.fixture(scope="session")
+def shared_dvc_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dvc-cache")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(embedded_root: Path) -> Path:
     return embedded_root / "tiny-qwen2_5_vl"

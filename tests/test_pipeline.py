@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import clone_repo, git_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid", GIT_COMMITTER_NAME="ci",
-               GIT_COMMITTER_EMAIL="ci@example.invalid", PYTHONUNBUFFERED="1")
-    return env
+    return git_env()
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -28,17 +24,9 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedP
     return result
 
 
-def clone_repo(dest: Path, cache: Path) -> Path:
-    """A fresh clone of the committed project whose DVC cache is `cache`: DVC's run cache then builds
-    the embedded default (a DVC stage) once for every clone that shares it."""
-    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
-    _run(["dvc", "cache", "dir", "--local", str(cache)], dest)
-    return dest
-
-
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    return clone_repo(tmp_path_factory.mktemp("clone") / "repo", tmp_path_factory.mktemp("dvc-cache"))
+def clone(tmp_path_factory, shared_dvc_cache) -> Path:
+    return clone_repo(tmp_path_factory.mktemp("clone") / "repo", shared_dvc_cache)
 
 
 def _experiments(clone: Path, *args: str) -> subprocess.CompletedProcess:
@@ -46,18 +34,19 @@ def _experiments(clone: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def _start(clone: Path, run_id: str, preset: str) -> str:
-    result = _run([sys.executable, "-m", "pipeline.experiments", "--run-id", run_id, "--preset", preset], clone)
+def make_demo(clone: Path) -> str:
+    """`make demo` as README says it: the run `demo` on the embedded default."""
+    result = _run(["make", "demo"], clone)
     return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def demo_run(clone) -> str:
-    return _start(clone, "t1", "demo")
+    return make_demo(clone)
 
 
 def test_four_stages_write_their_outputs(clone, demo_run):
-    root = clone / "outputs" / "t1"
+    root = clone / "outputs" / "demo"
     for stage in ("prepare", "train", "evaluate", "publish"):
         assert f"Running stage '{stage}'" in demo_run
     assert (root / "data" / "train.parquet").is_file() and (root / "data" / "eval.parquet").is_file()
@@ -68,15 +57,18 @@ def test_four_stages_write_their_outputs(clone, demo_run):
     assert 0.0 <= metrics["adapter"]["accuracy"] <= 1.0
     report = json.loads((clone / "reports" / "data_report.json").read_text())
     assert report["train_rows"] + report["eval_rows"] == report["rows_kept"]
-    registry = json.loads((clone / "registry.json").read_text())
-    assert registry["runs"]["t1"]["adapter_path"] == "outputs/t1/adapter"
-    assert "t1" in (clone / "docs" / "model_registry.md").read_text()
+    registry = json.loads((clone / "outputs" / "registry.json").read_text())
+    assert registry["runs"]["demo"]["adapter_path"] == "outputs/demo/adapter"
+    assert "| demo |" in (clone / "outputs" / "model_registry.md").read_text()
     curves = {p.name for p in (clone / "reports" / "train" / "plots" / "metrics").rglob("*.tsv")}
     assert "reward.tsv" in curves and "loss.tsv" in curves, "dvclive wrote no training curves"
     assert not curves & {"step_time.tsv", "train_runtime.tsv"}, "wall-clock values in a DVC-tracked output"
     assert (root / "train_logs" / "plots" / "metrics" / "step_time.tsv").is_file()  # timings: the run's logs
-    assert (clone / "docs" / "results_comparison.md").read_text().startswith("# Results: base model vs run `t1`")
-    assert (clone / "docs" / "sample_outputs" / "t1.md").is_file()
+    assert (clone / "reports" / "results.md").read_text().startswith("# Results: base model vs run `demo`")
+    assert (clone / "reports" / "sample_outputs.md").is_file()
+    # a run documents itself in what DVC experiments record, and leaves every committed file as it was
+    changed = _run(["git", "status", "--porcelain"], clone).stdout.splitlines()
+    assert all(line[3:].startswith(("params.yaml", "dvc.lock", "reports/")) for line in changed), changed
 
 
 def test_the_demo_learns(clone, demo_run):
@@ -110,7 +102,7 @@ def test_mathvista_scores_layout_and_output_files(clone, demo_run):
         for groups in by.values():
             for stats in groups.values():
                 assert stats["accuracy_ci95"][0] <= stats["accuracy"] <= stats["accuracy_ci95"][1]
-        output = json.loads((clone / "outputs" / "t1" / "eval" / f"mathvista_output_{model}.json").read_text())
+        output = json.loads((clone / "outputs" / "demo" / "eval" / f"mathvista_output_{model}.json").read_text())
         assert len(output) == metrics[model]["rows"]
         official = score(output)
         assert official["average"]["total"] == metrics[model]["rows"] and set(official) == {"average", *TARGET_KEYS}
@@ -150,7 +142,7 @@ def test_dvc_status_clean_and_dvc_yaml_untouched(clone, demo_run):
 
 
 def test_second_run_does_no_stage_work(clone, demo_run):
-    again = _start(clone, "t1", "demo")
+    again = make_demo(clone)
     assert "Running stage" not in again
     assert again.count("didn't change, skipping") == 5  # embedded and the four stages
 
@@ -230,38 +222,38 @@ def _revisions(node) -> set[str]:
 
 
 def test_two_runs_compare_metrics_plots_and_params(clone, demo_run, concurrent_runs):
-    t1_metrics = json.loads(_exp_file(clone, "t1", "reports/eval_metrics.json"))
+    demo_metrics = json.loads(_exp_file(clone, "demo", "reports/eval_metrics.json"))
     assert (clone / "outputs" / "t2" / "adapter" / "adapter_config.json").is_file()
-    registry = json.loads((clone / "registry.json").read_text())
-    assert {"t1", "t2"} <= set(registry["runs"])
-    assert {"t1", "t2"} <= _experiment_names(clone)
+    registry = json.loads((clone / "outputs" / "registry.json").read_text())
+    assert {"demo", "t2"} <= set(registry["runs"])
+    assert {"demo", "t2"} <= _experiment_names(clone)
 
-    metrics = _run(["dvc", "metrics", "diff", "t1", "t2", "--all", "--json"], clone)
+    metrics = _run(["dvc", "metrics", "diff", "demo", "t2", "--all", "--json"], clone)
     assert "failed to load" not in metrics.stderr
     evaluation = json.loads(metrics.stdout)["reports/eval_metrics.json"]
     for key in ("adapter.accuracy", "adapter.strict_format", "base.accuracy"):
-        assert evaluation[key]["old"] == _dig(t1_metrics, key) and evaluation[key]["new"] is not None
+        assert evaluation[key]["old"] == _dig(demo_metrics, key) and evaluation[key]["new"] is not None
     assert "step" in json.loads(metrics.stdout)["reports/train/metrics.json"]  # 40 → 4 steps
-    exp_diff = json.loads(_run(["dvc", "exp", "diff", "t1", "t2", "--all", "--json"], clone).stdout)
+    exp_diff = json.loads(_run(["dvc", "exp", "diff", "demo", "t2", "--all", "--json"], clone).stdout)
     assert "train.max_steps" in json.dumps(exp_diff["params"])
     assert "adapter.accuracy" in exp_diff["metrics"]["reports/eval_metrics.json"]
-    plots = json.loads(_run(["dvc", "plots", "diff", "t1", "t2", "--json"], clone).stdout)
+    plots = json.loads(_run(["dvc", "plots", "diff", "demo", "t2", "--json"], clone).stdout)
     reward = {path: data for path, data in plots["data"].items() if path.endswith("/reward.tsv")}
-    assert reward and {"t1", "t2"} <= _revisions(reward)
+    assert reward and {"demo", "t2"} <= _revisions(reward)
 
     table = _run([sys.executable, "-m", "pipeline.compare"], clone).stdout
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
-    assert {"t1", "t2"} <= set(rows) and "!" not in table
+    assert {"demo", "t2"} <= set(rows) and "!" not in table
     assert "workspace" not in rows  # the working copy is t2, which its own row shows
-    assert f"{t1_metrics['adapter']['accuracy']:.3f}" in rows["t1"] and "train.max_steps=4" in rows["t2"]
+    assert f"{demo_metrics['adapter']['accuracy']:.3f}" in rows["demo"] and "train.max_steps=4" in rows["t2"]
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["num_processes"] == 1  # `auto`, resolved
 
     # the working copy shows the last run; any other run's outputs and metrics come back with apply
-    _run(["dvc", "exp", "apply", "t1"], clone)
-    assert (clone / "outputs" / "t1" / "adapter" / "adapter_config.json").is_file()
-    assert yaml.safe_load((clone / "params.yaml").read_text())["run_id"] == "t1"
-    assert json.loads((clone / "reports" / "eval_metrics.json").read_text()) == t1_metrics
+    _run(["dvc", "exp", "apply", "demo"], clone)
+    assert (clone / "outputs" / "demo" / "adapter" / "adapter_config.json").is_file()
+    assert yaml.safe_load((clone / "params.yaml").read_text())["run_id"] == "demo"
+    assert json.loads((clone / "reports" / "eval_metrics.json").read_text()) == demo_metrics
 
 
 def _infer(clone: Path, run_id: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -280,13 +272,13 @@ def test_a_failed_rerun_keeps_the_finished_run(clone, concurrent_runs, fast_pres
                           "--set", "data.columns.question=questio")
     assert failed.returncode != 0 and "questio" in failed.stdout + failed.stderr
     assert "the finished run 't2' is kept" in failed.stderr
-    assert {"t1", "t2"} <= _experiment_names(clone) and "t2.previous" not in _experiment_names(clone)
+    assert {"demo", "t2"} <= _experiment_names(clone) and "t2.previous" not in _experiment_names(clone)
     assert yaml.safe_load(_exp_file(clone, "t2", "dvc.lock"))["stages"]["train"]["outs"][0]["md5"] == adapter_md5
     rows = [line.split()[0] for line in _run([sys.executable, "-m", "pipeline.compare"], clone).stdout.splitlines()]
     assert "t2" in rows
 
     # infer answers from t2's registry entry and adapter out of its experiment, whatever the working copy
-    # holds (here t1, applied by the test before)
+    # holds (here demo, applied by the test before)
     import shutil
 
     shutil.rmtree(clone / "outputs" / "t2", ignore_errors=True)
@@ -332,20 +324,6 @@ def test_local_data_is_content_hashed(clone, fast_preset):
     assert raw.returncode != 0 and "named 'other' but run_id is 'mine'" in raw.stdout + raw.stderr
 
 
-def test_a_sweep_runs_in_dvcs_queue_each_point_its_own_run(clone, fast_preset):
-    swept = _experiments(clone, "--run-id", "lr", "--preset", str(fast_preset), "--set", "train.max_steps=2",
-                         "--grid", "train.learning_rate=1e-3,1e-2", "--jobs", "2", "train")
-    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
-    adapters = {name: yaml.safe_load(_exp_file(clone, name, "dvc.lock"))["stages"]["train"]["outs"][0]["md5"]
-                for name in ("lr-1", "lr-2")}
-    assert adapters["lr-1"] != adapters["lr-2"]
-    params = yaml.safe_load(_exp_file(clone, "lr-2", "params.yaml"))
-    assert params["run_id"] == "lr-2" and params["train"]["learning_rate"] == 0.01
-    rows = {line.split()[0]: line for line in
-            _run([sys.executable, "-m", "pipeline.compare"], clone).stdout.splitlines()[2:]}
-    assert {"lr-1", "lr-2"} <= set(rows)
-
-
 def test_a_run_shared_through_a_dvc_remote_answers_in_another_clone(clone, demo_run, tmp_path):
     """The DVC user's way to share runs: git for the experiment, a DVC remote for its data."""
     store, remote = tmp_path / "dvc-store", tmp_path / "remote.git"
@@ -353,16 +331,16 @@ def test_a_run_shared_through_a_dvc_remote_answers_in_another_clone(clone, demo_
     _run(["git", "remote", "add", "shared", str(remote)], clone)
     _run(["git", "push", "-q", "shared", "HEAD:refs/heads/main"], clone)
     _run(["dvc", "remote", "add", "--local", "-d", "store", str(store)], clone)
-    _run(["dvc", "exp", "push", "shared", "t1"], clone)
+    _run(["dvc", "exp", "push", "shared", "demo"], clone)
 
     other = tmp_path / "other"
     _run(["git", "clone", "-q", "-b", "main", str(remote), str(other)], tmp_path)
     _run(["dvc", "remote", "add", "--local", "-d", "store", str(store)], other)
-    _run(["dvc", "exp", "pull", "origin", "t1"], other)
-    _run(["dvc", "exp", "apply", "t1"], other)
+    _run(["dvc", "exp", "pull", "origin", "demo"], other)
+    _run(["dvc", "exp", "apply", "demo"], other)
     assert json.loads(_run(["dvc", "status", "--json"], other).stdout) == {}  # nothing to rerun
-    answered = _infer(other, "t1", tmp_path)
-    assert answered.returncode == 0 and "[t1]" in answered.stdout, answered.stdout[-2000:] + answered.stderr[-3000:]
+    answered = _infer(other, "demo", tmp_path)
+    assert answered.returncode == 0 and "[demo]" in answered.stdout, answered.stdout[-2000:] + answered.stderr[-3000:]
 
 
 def test_check_validates_what_train_would_run(clone, demo_run):
