@@ -45,10 +45,10 @@ from pipeline.params import (
     parse_params,
     parse_value,
     read_overrides,
+    run_id_problem,
 )
 
 EXIT_BUSY = 3
-PRESETS = Path("presets")
 RUN_LOCK = Path(".dvc/tmp/grpo-run.lock")  # held by the runner for the whole run (fcntl: freed on any exit)
 PREVIOUS = ".previous"  # a rerun sets the finished experiment aside under `<id>.previous`
 COPY_PATHS = ("data", "models")  # their git-ignored local inputs: copied into a queued experiment's workspace
@@ -90,20 +90,6 @@ def base_params_text() -> tuple[str, bool]:
     return current, False
 
 
-def preset_path(preset: str | None) -> Path | None:
-    """A preset by name (`demo` → presets/demo.yaml) or by path; an unknown one lists the real ones."""
-    if not preset:
-        return None
-    as_path = Path(preset)
-    if as_path.is_file():
-        return as_path
-    named = PRESETS / f"{as_path.stem if as_path.suffix in ('.yaml', '.yml') else preset}.yaml"
-    if named.is_file():
-        return named
-    known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
-    raise ParamsError(f"preset {preset!r}: no file {preset} and no {named} (presets: {known})")
-
-
 def visible_gpus() -> int:
     import torch  # the CUDA API counts ROCm devices too; no device context is created
 
@@ -119,6 +105,7 @@ class Plan:
     params: Params
     reset_params: bool
     base_text: str
+    presets: list[str]  # the preset files applied, base first (a preset and those it extends)
 
     @property
     def processes(self) -> int:
@@ -131,6 +118,20 @@ class Plan:
                 f"{train.gradient_accumulation_steps} accumulation = {per_step} completions per optimizer step")
 
 
+def missing_local_inputs(params: Params) -> list[str]:
+    """A source or model named under data/ or models/ that is not there. A path that does not exist
+    reads as a Hub id, so it would pass every check and fail only in the prepare stage, after the
+    run started: the usual cause is a file copied somewhere else, or a preset's example path."""
+    named = [("data.source", params.data.source), ("model.name_or_path", params.model.name_or_path)]
+    if params.data.eval_source is not None:
+        named.append(("data.eval_source.source", params.data.eval_source.source))
+    homes = lineage.INPUT_DIRS[:2]
+    return [f"{key}: {value!r} does not exist: put the file or folder there, or point {key} at where it is "
+            f"(local inputs live under {homes[0]}/ or {homes[1]}/: docs/your_own_data.md)"
+            for key, value in named if Path(value).parts[:1] in [home.parts for home in homes]
+            and not os.path.lexists(value)]
+
+
 def plan(run_id: str | None, preset: str | None, sets: list[str]) -> Plan:
     """Validate everything a run needs before anything is written; ParamsError names the problem."""
     base_text, reset = base_params_text()
@@ -140,18 +141,18 @@ def plan(run_id: str | None, preset: str | None, sets: list[str]) -> Plan:
         raise ParamsError(f"{PARAMS_FILE}: not valid YAML: {error}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{PARAMS_FILE}: file not found or empty (run from the repository root)")
-    path = preset_path(preset)
-    overrides = read_overrides(path, [*sets, *([f"run_id={run_id}"] if run_id else [])])
-    merged = apply_overrides(raw, overrides, str(path) if path else "--set")
-    params = parse_params(merged, PARAMS_FILE)
+    overrides = read_overrides(preset, sets)
+    if run_id:  # as given, not read as YAML: a run id such as `1e3` or `null` stays a string
+        overrides.put("run_id", run_id, "--run-id")
+    params = parse_params(apply_overrides(raw, overrides, "--set"), PARAMS_FILE, overrides.origins)
     if params.train.num_processes == "auto":
         # the process count decides the completions per optimizer step: a run records it as a param
-        overrides["train.num_processes"] = params.train.processes(visible_gpus())
-        params = parse_params(apply_overrides(raw, overrides, "--set"), PARAMS_FILE)
-    problems = lineage.uncovered_inputs(params, Path("."))
+        overrides.put("train.num_processes", params.train.processes(visible_gpus()), "the visible GPUs")
+        params = parse_params(apply_overrides(raw, overrides, "--set"), PARAMS_FILE, overrides.origins)
+    problems = missing_local_inputs(params) + lineage.uncovered_inputs(params, Path("."))
     if problems:
         raise ParamsError("\n".join(problems))
-    return Plan(params.run_id, overrides, params, reset, base_text)
+    return Plan(params.run_id, overrides, params, reset, base_text, overrides.files)
 
 
 class RunLock:
@@ -220,6 +221,29 @@ def set_aside_previous(run_id: str, force: bool) -> str | None:
     return previous
 
 
+# `dvc exp run` checks the outputs out before it reproduces, and each output dvc.lock has no hash for
+# (every output of a new run id: they are named outputs/<run_id>/…) gets a warning, "No file hash
+# info found for '…'. It won't be created.": on every run, about outputs the stages then create.
+# DVC has no option for it, and piping its output through a filter would cost the stages their
+# terminal (progress bars, colour). So DVC runs in-process with a filter on exactly that record of
+# the two loggers that emit it; every other message, warnings and errors included, is untouched.
+_DVC_QUIET_CHECKOUT = """
+import logging, sys
+class NoHashWarning(logging.Filter):
+    def filter(self, record):
+        return not (record.levelno == logging.WARNING and str(record.msg).startswith("No file hash info found for "))
+for name in ("dvc_data.index.checkout", "dvc_data.hashfile.checkout"):
+    logging.getLogger(name).addFilter(NoHashWarning())
+from dvc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def dvc_without_checkout_noise(dvc_args: list[str]) -> list[str]:
+    """The command line of `dvc <dvc_args>` without the checkout warning above."""
+    return [sys.executable, "-c", _DVC_QUIET_CHECKOUT, *dvc_args]
+
+
 def start(run_id: str, preset: str | None, targets: list[str], sets: list[str] | None = None,
           force: bool = False) -> int:
     lock = RunLock()
@@ -243,7 +267,7 @@ def start(run_id: str, preset: str | None, targets: list[str], sets: list[str] |
             cmd += ["-S", arg]
         print(f"experiments: {run.describe()}")
         print("experiments: " + " ".join(cmd + targets), flush=True)
-        returncode = subprocess.run(cmd + targets).returncode
+        returncode = subprocess.run(dvc_without_checkout_noise(cmd[1:] + targets)).returncode
         if previous:
             if returncode == 0:
                 _run(["dvc", "exp", "remove", previous])
@@ -265,7 +289,7 @@ def check(run_id: str | None, preset: str | None, sets: list[str]) -> int:
         return EXIT_BAD_PARAMS
     base = "the committed params.yaml" if run.reset_params else str(PARAMS_FILE)
     print(f"ok: run_id={run.run_id}, model={run.params.model.name_or_path}, data={run.params.data.source} "
-          f"({base}{' + ' + preset if preset else ''}); {run.describe()}", file=sys.stderr)
+          f"({' + '.join([base, *run.presets])}); {run.describe()}", file=sys.stderr)
     return 0
 
 
@@ -335,10 +359,10 @@ def sweep(prefix: str, preset: str | None, specs: list[str], sets: list[str], jo
     return 1 if failed else 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("--run-id", help="the run's id (a sweep: the prefix of its runs' ids)")
-    parser.add_argument("--preset", help="preset name (presets/<name>.yaml) or path")
+    parser.add_argument("--preset", help="preset name (presets/<name>.yaml) or path; a preset may `extends:` another")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="one more override, after the preset's (e.g. train.num_processes=8)")
     parser.add_argument("--force", action="store_true", help="remove a finished run of the same id first")
@@ -347,7 +371,12 @@ def main() -> None:
                         help="sweep: one experiment per combination, run in DVC's queue (make sweep)")
     parser.add_argument("--jobs", type=int, default=1, help="sweep: experiments run at once")
     parser.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # first: an id with a space or a shell character otherwise fails later as something unrelated
+    problem = run_id_problem(args.run_id) if args.run_id is not None else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_PARAMS)
     if args.check:
         raise SystemExit(check(args.run_id, args.preset, args.sets))
     if not args.run_id:

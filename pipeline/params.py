@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import difflib
 import functools
 import importlib.util
 import json
 import re
 import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, NamedTuple, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +30,7 @@ from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
 OUTPUT_ROOT = Path("outputs")
+PRESETS = Path("presets")
 
 
 class Reports:
@@ -43,7 +46,16 @@ class Reports:
     comparison = root / "eval_comparison.csv"
 EXIT_BAD_PARAMS = 2
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RUN_ID_RULE = ("1-64 characters of letters, digits, '.', '_' or '-', the first a letter or digit (it names the "
+               "run's folder outputs/<id>/, its DVC experiment and its W&B run)")
+
+
+def run_id_problem(run_id: str) -> str | None:
+    """The one run-id rule, for the schema and for the runner's `--run-id`: the runner checks it
+    before anything else, because an id with a space or a shell character otherwise surfaces as
+    some later, unrelated failure (a file not found, an argument not recognised)."""
+    return None if _RUN_ID.fullmatch(run_id) else f"run id {run_id!r}: must be {RUN_ID_RULE}"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -230,8 +242,9 @@ class TrainParams(_Section):
             if fields is None:  # TRL is not installed here: GRPOConfig itself checks the key where it runs
                 continue
             if key not in fields:
-                raise PydanticCustomError("train_key", "unknown key (typo?): neither this project's nor a field "
-                                          "of TRL's GRPOConfig", {"key": key})
+                reason = (unknown_key(("train", key)) or Problem(key, "unknown key (typo?)")).reason
+                raise PydanticCustomError("train_key", "{reason}: neither this project's nor a field of TRL's "
+                                          "GRPOConfig", {"key": key, "reason": reason})
             if not _fits(value, fields[key]):
                 raise PydanticCustomError("train_key", "GRPOConfig declares it {type} (got {value!r})",
                                           {"key": key, "type": fields[key], "value": value})
@@ -356,11 +369,9 @@ class Params(_Section):
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, run_id: str) -> str:
-        if not _RUN_ID.match(run_id):
-            raise ValueError(
-                f"{run_id!r} must be 1-64 characters of letters, digits, '.', '_' or '-' "
-                "(it names a folder and a W&B run)"
-            )
+        problem = run_id_problem(run_id)
+        if problem:
+            raise ValueError(problem)
         return run_id
 
     @field_validator("rewards")
@@ -391,31 +402,144 @@ class ParamsError(ValueError):
     """A params file that cannot be used; the message names the file, the key and the reason."""
 
 
-def _format_error(path: Path, error: ValidationError) -> str:
-    lines = []
+class Problem(NamedTuple):
+    key: str  # dotted
+    reason: str
+    suggests: str | None = None  # the valid key a misspelt one is closest to
+
+
+def _model_of(annotation: object) -> type[BaseModel] | None:
+    """The section class inside a field's annotation (`SourceParams | None` → SourceParams)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _model_of(arg)) is not None), None)
+
+
+def _section_keys(model: type[BaseModel]) -> tuple[set[str], set[str]] | None:
+    """(keys a section accepts, keys worth suggesting). None where any key may be right: `train:`
+    without TRL installed here, since every GRPOConfig field is welcome there and GRPOConfig itself
+    checks them where the run happens. Keys the project derives are accepted (their own check says
+    where they come from) but never suggested."""
+    keys = set(model.model_fields)
+    if model is not TrainParams:
+        return keys, keys
+    fields = grpo_config_fields()
+    if fields is None:
+        return None
+    return keys | set(fields), (keys | set(fields)) - set(TrainParams.DERIVED_KEYS)
+
+
+def unknown_key(loc: Sequence[str]) -> Problem | None:
+    """The first part of a key path that the schema does not know, with the closest valid key:
+    without it a misspelt key shows up only as the real key being missing, or as a key the next
+    file does not have, and the user looks in the wrong place."""
+    model: type[BaseModel] | None = Params
+    for depth, part in enumerate(loc):
+        keys = _section_keys(model)
+        if keys is None:
+            return None
+        prefix = "".join(f"{parent}." for parent in loc[:depth])
+        if part not in keys[0]:
+            close = difflib.get_close_matches(part, sorted(keys[1]), n=1)
+            suggests = f"{prefix}{close[0]}" if close else None
+            reason = f"unknown key (did you mean {suggests}?)" if suggests else "unknown key (typo?)"
+            return Problem(f"{prefix}{part}", reason, suggests)
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field is not None else None
+        if model is None:  # a value, or a free mapping such as `rewards`: nothing more to check by name
+            return None
+    return None
+
+
+def unknown_keys(raw: Mapping, prefix: tuple[str, ...] = ()) -> list[Problem]:
+    """Every key of a (nested) params mapping that the schema does not know."""
+    found = []
+    for key, value in raw.items():
+        loc = (*prefix, str(key))
+        problem = unknown_key(loc)
+        if problem is not None:
+            found.append(problem)
+        elif isinstance(value, Mapping):
+            found += unknown_keys(value, loc)
+    return found
+
+
+def _near_miss(raw: Mapping, loc: tuple[str, ...]) -> str:
+    """For a missing key: a key beside it that the section does not declare and that is spelt
+    almost the same. This is how a misspelling shows where the schema cannot call a key unknown
+    (`train:` without TRL installed)."""
+    section: object = raw
+    for part in loc[:-1]:
+        section = section.get(part) if isinstance(section, Mapping) else None
+    model = _section_at(loc[:-1])
+    if not isinstance(section, Mapping) or model is None:
+        return ""
+    strangers = [str(key) for key in section if key not in model.model_fields]
+    close = difflib.get_close_matches(loc[-1], strangers, n=1)
+    return f"; {'.'.join([*loc[:-1], close[0]])} is there: misspelt?" if close else ""
+
+
+def _section_at(loc: Sequence[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Params
+    for part in loc:
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_of(field.annotation) if field is not None else None
+    return model
+
+
+def _validation_problems(error: ValidationError, raw: Mapping) -> list[Problem]:
+    problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = tuple(str(part) for part in item["loc"])
+        key = ".".join(loc) or "(top level)"
         if item["type"] == "train_key":  # raised for the whole section: name the key itself
             key = f"{key}.{item['ctx']['key']}"
         if item["type"] == "missing":
-            reason = "missing (required)"
+            reason = f"missing (required{_near_miss(raw, loc)})"
         elif item["type"] == "extra_forbidden":
-            reason = "unknown key (typo?)"
+            reason = (unknown_key(loc) or Problem(key, "unknown key (typo?)")).reason
         else:
             reason = item["msg"].removeprefix("Value error, ")
             if "input" in item and not isinstance(item["input"], dict) and item["type"] != "train_key":
                 reason += f" (got {item['input']!r})"
-        lines.append(f"{path}: {key}: {reason}")
+        problems.append(Problem(key, reason))
+    return problems
+
+
+def _origin(key: str, origins: Mapping[str, str], default: str) -> str:
+    """The file (or `--set`) that set `key` or the mapping holding it; else the params file."""
+    parts = key.split(".")
+    return next((origins[prefix] for n in range(len(parts), 0, -1) if (prefix := ".".join(parts[:n])) in origins),
+                default)
+
+
+def _report(problems: list[Problem], default: str, origins: Mapping[str, str]) -> str:
+    """One line per problem, each naming the file to fix. A key reported as unknown is reported
+    once, and the valid key it was meant to be is not reported missing as well."""
+    meant = {problem.suggests for problem in problems if problem.suggests}
+    lines, seen = [], set()
+    for problem in problems:
+        if problem.key in seen or (problem.key in meant and problem.reason.startswith("missing")):
+            continue
+        seen.add(problem.key)
+        lines.append(f"{_origin(problem.key, origins, default)}: {problem.key}: {problem.reason}")
     return "\n".join(lines)
 
 
-def parse_params(raw: object, path: Path = PARAMS_FILE) -> Params:
+def parse_params(raw: object, path: Path | str = PARAMS_FILE, origins: Mapping[str, str] | None = None) -> Params:
+    """`origins` (dotted key → the preset file or `--set` that set it) decides which file an error
+    names; a key not in it is the params file's."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    problems = unknown_keys(raw)
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as error:
-        raise ParamsError(_format_error(path, error)) from None
+        problems += _validation_problems(error, raw)
+    else:
+        if not problems:
+            return params
+    raise ParamsError(_report(problems, str(path), origins or {}))
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
@@ -438,23 +562,86 @@ def load_params_or_exit(path: Path | str = PARAMS_FILE) -> Params:
         raise SystemExit(EXIT_BAD_PARAMS) from None
 
 
-def read_overrides(preset: Path | str | None, sets: list[str]) -> dict[str, object]:
-    """Flat `section.key: value` overrides: a preset file first, then `key=value` strings (YAML values)."""
-    overrides: dict[str, object] = {}
-    if preset:
-        preset = Path(preset)
+class Overrides(dict):
+    """Flat `section.key: value` overrides that remember where each key was set (`origins`: a preset
+    file or `--set`) and which preset files were read (`files`, base first): an error must name the
+    file to fix, not the last one read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origins: dict[str, str] = {}
+        self.files: list[str] = []
+
+    def put(self, key: str, value: object, origin: str) -> None:
+        self[key] = value
+        self.origins[key] = origin
+
+
+def preset_path(preset: str | Path) -> Path:
+    """A preset by name (`demo` or `demo.yaml` → presets/demo.yaml) or by path (presets/demo.yaml,
+    ./elsewhere/x.yaml; relative paths from the repository root, where make runs). A path is never
+    silently swapped for a same-named file in presets/, and an unknown preset lists the real ones."""
+    as_path = Path(preset)
+    if as_path.is_file():
+        return as_path
+    is_name = len(as_path.parts) == 1
+    named = PRESETS / (f"{as_path.stem}.yaml" if as_path.suffix in (".yaml", ".yml") else f"{as_path.name}.yaml")
+    if is_name and named.is_file():
+        return named
+    known = ", ".join(sorted(path.stem for path in PRESETS.glob("*.yaml"))) or "none"
+    looked = f"no file {preset}" + (f" and no {named}" if is_name else "")
+    raise ParamsError(f"preset {str(preset)!r}: {looked} (presets: {known})")
+
+
+def _read_preset(path: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: preset file not found") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}".replace("\n", " ")) from None
+    if not isinstance(loaded, dict) or not all(isinstance(key, str) for key in loaded):
+        raise ParamsError(f"{path}: expected a mapping of dotted keys to values")
+    return loaded
+
+
+def preset_chain(preset: str | Path) -> list[tuple[Path, dict]]:
+    """A preset and the presets it `extends` (a name or path, resolved as PRESET= is), base first:
+    a preset for your own data says `extends: demo` and only its data keys, instead of repeating
+    the base's model keys. A chain that comes back to a preset it already read is refused, named."""
+    chain: list[tuple[Path, dict]] = []
+    path: Path | None = preset_path(preset)
+    while path is not None:
+        if path.resolve() in {seen.resolve() for seen, _ in chain}:
+            names = " → ".join(str(seen) for seen, _ in chain)
+            raise ParamsError(f"{chain[0][0]}: extends goes round in a circle: {names} → {path}")
+        loaded = _read_preset(path)
+        base = loaded.pop("extends", None)
+        chain.append((path, loaded))
+        if base is None:
+            break
+        if not isinstance(base, str) or not base:
+            raise ParamsError(f"{path}: extends: expected a preset name or path, got {base!r}")
         try:
-            loaded = yaml.safe_load(preset.read_text()) or {}
-        except FileNotFoundError:
-            raise ParamsError(f"{preset}: preset file not found") from None
-        if not isinstance(loaded, dict):
-            raise ParamsError(f"{preset}: expected a mapping of dotted keys to values")
-        overrides.update(loaded)
+            path = preset_path(base)
+        except ParamsError as error:
+            raise ParamsError(f"{path}: extends: {error}") from None
+    return chain[::-1]
+
+
+def read_overrides(preset: Path | str | None, sets: list[str]) -> Overrides:
+    """Flat `section.key: value` overrides: a preset (with the presets it extends) first, then
+    `key=value` strings (YAML values), each key remembering which of them set it."""
+    overrides = Overrides()
+    for path, loaded in preset_chain(preset) if preset else []:
+        overrides.files.append(str(path))
+        for key, value in loaded.items():
+            overrides.put(key, value, str(path))
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ParamsError(f"--set {item!r}: expected key=value")
-        overrides[key] = parse_value(value)
+        overrides.put(key, parse_value(value), "--set")
     return overrides
 
 
@@ -470,18 +657,45 @@ def parse_value(text: str) -> object:
     return value
 
 
-def apply_overrides(raw: dict, overrides: dict[str, object], source: str = "overrides") -> dict:
+def apply_overrides(raw: dict, overrides: Mapping[str, object], source: str = "overrides",
+                    base: str = str(PARAMS_FILE)) -> dict:
+    """`raw` (the params file `base`) with the overrides applied. Names are checked in the order that
+    blames the right file: first the base file's own unknown keys (a key misspelt there makes a
+    preset's correct key look absent), then each override's, named after the preset file or
+    `--set` that set it (`Overrides.origins`; `source` for a plain dict)."""
+    origins = getattr(overrides, "origins", {})
+    base_problems = unknown_keys(raw)
+    lines = [f"{base}: {problem.key}: {problem.reason}" for problem in base_problems]
+    explained = {problem.suggests for problem in base_problems if problem.suggests}
     merged = copy.deepcopy(raw)
     for key, value in overrides.items():
+        origin = origins.get(key, source)
+        loc = tuple(key.split("."))
+        named = unknown_key(loc)
+        nested = unknown_keys(value, loc) if named is None and isinstance(value, Mapping) else []
+        if named is not None or nested:
+            lines += [f"{origin}: {problem.key}: {problem.reason}" for problem in ([named] if named else nested)]
+            continue
         node = merged
-        *parents, leaf = key.split(".")
-        for part in parents:
+        *parents, leaf = loc
+        for depth, part in enumerate(parents):
             if not isinstance(node.get(part), dict):
-                raise ParamsError(f"{source}: {key}: no section {part!r} in params.yaml")
+                if ".".join(loc[:depth + 1]) not in explained:
+                    lines.append(f"{origin}: {key}: no section {'.'.join(loc[:depth + 1])!r} in {base}")
+                break
             node = node[part]
-        if leaf not in node:
-            raise ParamsError(f"{source}: {key}: unknown key (not in params.yaml)")
-        node[leaf] = value
+        else:
+            if leaf in node:
+                node[leaf] = value
+            elif key in explained:
+                continue
+            elif near := _near_miss(raw, loc):  # a misspelling the schema cannot call unknown (train, no TRL)
+                lines.append(f"{base}: {key}: missing{near}")
+            else:
+                lines.append(f"{origin}: {key}: unknown key in {base} (dvc exp run -S sets only keys the file has: "
+                             f"add it to {base})")
+    if lines:
+        raise ParamsError("\n".join(lines))
     return merged
 
 
@@ -503,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.params",
                                      description="Validate params.yaml, optionally with a preset and overrides.")
     parser.add_argument("file", nargs="?", default=str(PARAMS_FILE))
-    parser.add_argument("--preset", help="YAML file of dotted-key overrides, e.g. presets/demo.yaml")
+    parser.add_argument("--preset", help="preset name (presets/<name>.yaml) or path: dotted-key overrides")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--dvc-args", action="store_true",
                         help="print the overrides as `-S key=value` arguments for `dvc exp run`")
@@ -514,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
         if raw is None:
             raise ParamsError(f"{path}: file not found or empty")
         overrides = read_overrides(args.preset, args.sets)
-        params = parse_params(apply_overrides(raw, overrides, args.preset or "--set"), path)
+        params = parse_params(apply_overrides(raw, overrides, "--set", base=str(path)), path, overrides.origins)
     except (ParamsError, yaml.YAMLError) as error:
         print(f"error: invalid parameters\n{error}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_PARAMS) from None

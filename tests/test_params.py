@@ -249,3 +249,20 @@ def test_command_line_values_read_exponents_as_numbers():
 
     assert parse_value("1e-3") == 0.001 and parse_value("5E-6") == 5e-6 and parse_value("3") == 3
     assert parse_value("abc") == "abc" and parse_value("[1, 2]") == [1, 2] and parse_value("null") is None
+
+
+def test_a_misspelt_train_key_is_named_where_trl_is_not_installed(monkeypatch):
+    """Without TRL any `train:` key may be a GRPOConfig field, so a misspelt one cannot be called
+    unknown: the required key it was meant to be is reported missing with the misspelt one named."""
+    import pipeline.params
+
+    monkeypatch.setattr(pipeline.params, "grpo_config_fields", lambda: None)
+    raw = copy.deepcopy(SHIPPED)
+    raw["train"]["learnin_rate"] = raw["train"].pop("learning_rate")
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)
+    assert "params.yaml: train.learning_rate: missing (required; train.learnin_rate is there: misspelt?)" in str(
+        error.value)
+    with pytest.raises(ParamsError) as error:  # demo sets train.learning_rate: params.yaml is blamed, not the preset
+        apply_overrides(raw, read_overrides(REPO / "presets" / "demo.yaml", []))
+    assert str(error.value) == "params.yaml: train.learning_rate: missing; train.learnin_rate is there: misspelt?"
