@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import logs
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "vllm", "transformers")
@@ -135,12 +137,10 @@ def generate_batched(model, processor, conversations: Sequence[list[dict]], imag
                      max_new_tokens: int, temperature: float = 0.0, batch_size: int = 8,
                      desc: str = "generate") -> list[Generation]:
     """transformers `generate`, `batch_size` rows per call; a failing batch is retried row by row."""
-    from tqdm.auto import tqdm
-
     texts = chat_texts(processor, conversations)
     results: list[Generation] = []
     started = time.perf_counter()
-    with tqdm(total=len(texts), desc=desc, unit="row") as bar:
+    with logs.progress(desc=f"{desc} [transformers]", total=len(texts)) as bar:
         for start in range(0, len(texts), batch_size):
             chunk_texts = texts[start:start + batch_size]
             chunk_images = list(images[start:start + batch_size])

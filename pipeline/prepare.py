@@ -41,7 +41,16 @@ from pipeline.row_values import (
     match_choice,
     metadata_value,
 )
-from pipeline.sources import Source, column_paths, image_base_dir, load_source, read_field, sources_of
+from pipeline.sources import (
+    Source,
+    column_paths,
+    describe,
+    image_base_dir,
+    load_source,
+    read_field,
+    reading,
+    sources_of,
+)
 from pipeline.splits import (
     Candidate,
     Ledger,
@@ -189,7 +198,7 @@ def process_source(source: Source, params: Params, work_dir: str):
     if params.data.max_rows:
         raw = raw.select(range(min(params.data.max_rows, len(raw))))
     if len(raw) == 0:
-        raise PrepareError(f"dataset {source.name!r} (split {source.split!r}) has no rows")
+        raise PrepareError(f"dataset {describe(source)} has no rows")
     rules = RowRules(paths, image_rules(params), image_base_dir(source))
     num_proc = min(params.data.num_proc, len(raw))
     processed = raw.map(
@@ -240,7 +249,7 @@ def build_report(sources, rows_read, candidates, ledger, counter, budget, params
         "dropped": dict(sorted(ledger.dropped.items())),
         "dropped_examples": dict(sorted(ledger.examples.items())),
         "split": "eval_source" if params.data.eval_source else f"hash(id, seed={params.seed})",
-        "sources": {s.role: {"source": s.name, "config": s.config, "split": s.split, "rows": n}
+        "sources": {s.role: {"source": s.name, **reading(s), "rows": n}
                     for s, n in zip(sources, rows_read, strict=True)},
         "image_tokens": _stats([c.image_tokens for c in candidates]),
         "prompt_tokens": {**_stats([c.prompt_tokens for c in candidates]), "method": counter.method,

@@ -56,6 +56,26 @@ def source_format(source: Source) -> str:
 
 
 
+def reading(source: Source) -> dict[str, str | None]:
+    """How a source is read, as the data report and error messages name it. A single local file
+    is its own one split and has no configs: `config` and `split` are not used to read it, so they
+    are None here (naming them, MathVista's `testmini` by default, would claim a split the file's
+    rows never had)."""
+    kind = source_format(source)
+    if kind != "hub" and Path(source.name).is_file():
+        return {"format": kind, "config": None, "split": None}
+    return {"format": kind, "config": source.config, "split": source.split}
+
+
+def describe(source: Source) -> str:
+    """A source as a message names it (`'rows.jsonl' (format json)`): only what was used to read
+    it, so an error about a local file does not point at a split or config that played no part."""
+    used = ", ".join(f"{key} {value!r}" if key != "format" else f"format {value}"
+                     for key, value in reading(source).items() if value is not None)
+    return f"{source.name!r} ({used})"
+
+
+
 def image_base_dir(source: Source) -> str | None:
     """Relative image paths (json rows, MathVista's `image` column) resolve against the source's folder."""
     path = Path(source.name)
@@ -85,7 +105,7 @@ def load_source(source: Source, cache_dir: str):
     except Exception as error:  # noqa: BLE001 - every way a source can be unusable gets the same clear message
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise PrepareError(
-            f"dataset {source.name!r} (config {source.config!r}, split {source.split!r}, format {kind}) "
+            f"dataset {describe(source)} "
             f"cannot be loaded here: {first_line}. Download it first or point the source at a local copy."
         ) from None
 

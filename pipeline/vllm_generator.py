@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import logs
 from pipeline.generation import (
     BackendUnavailable,
     ClosedOnExit,
@@ -188,7 +189,6 @@ class VllmGenerator(ClosedOnExit):
         halves: enqueue, then wait for completion). Submitting one request at a time makes a row
         vLLM refuses (an image its processor rejects, a prompt over max_model_len) fail on its own;
         if the run itself fails, the rows are retried one by one."""
-        from tqdm.auto import tqdm
         from vllm import SamplingParams
 
         texts = chat_texts(self.processor, conversations)
@@ -201,7 +201,7 @@ class VllmGenerator(ClosedOnExit):
         started = time.perf_counter()
         results: list[Generation | None] = [None] * len(requests)
         queued: list[tuple[int, str]] = []  # (row, vLLM request id), in submission order
-        for row, request in enumerate(tqdm(requests, desc=f"{desc}: submit", unit="row")):
+        for row, request in enumerate(logs.progress(requests, desc=f"{desc} [vllm]: submit")):
             try:
                 queued += [(row, request_id) for request_id in
                            self.llm.enqueue([request], sampling, lora_request=lora, use_tqdm=False)]
@@ -209,25 +209,27 @@ class VllmGenerator(ClosedOnExit):
                 logger.warning("%s: row %d refused by vLLM (%s)", desc, row, error_text(error))
                 results[row] = Generation(text=None, error=error_text(error))
         try:
-            self._complete(queued, results, progress=True)
+            self._complete(queued, results, progress=f"{desc} [vllm]")
         except Exception as batch_error:  # noqa: BLE001 - isolate the bad row(s)
             logger.warning("%s: the vLLM batch failed (%s); retrying row by row", desc, error_text(batch_error))
             for row, _ in queued:
                 try:
                     resubmitted = self.llm.enqueue([requests[row]], sampling, lora_request=lora, use_tqdm=False)
-                    self._complete([(row, request_id) for request_id in resubmitted], results, progress=False)
+                    self._complete([(row, request_id) for request_id in resubmitted], results, progress=None)
                 except Exception as row_error:  # noqa: BLE001
                     results[row] = Generation(text=None, error=error_text(row_error))
         done = [r if r is not None else Generation(text=None, error="no output from vLLM") for r in results]
         log_throughput(desc, "vllm", done, time.perf_counter() - started)
         return done
 
-    def _complete(self, queued: list[tuple[int, str]], results: list, progress: bool) -> None:
-        """Run the engine until every queued request is done; outputs come sorted by request, as queued."""
+    def _complete(self, queued: list[tuple[int, str]], results: list, progress: str | None) -> None:
+        """Run the engine until every queued request is done; outputs come sorted by request, as queued.
+        `progress`: the description of vLLM's bar (rows done, tokens/s, ETA); None: no bar (a retry
+        of one row)."""
         if not queued:
             return
         try:
-            outputs = self.llm.wait_for_completion(use_tqdm=progress)
+            outputs = self.llm.wait_for_completion(use_tqdm=logs.progress_factory(progress) if progress else False)
             if len(outputs) != len(queued):
                 raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(queued)} requests")
         except Exception:

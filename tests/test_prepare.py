@@ -18,6 +18,9 @@ from pipeline import images, prompt_tokens, row_values, splits
 from pipeline import prepare as prep
 from pipeline.params import ModelParams, ParamsError, parse_params
 
+# one pytest-xdist worker runs this module's tests: they share its expensive module fixtures
+pytestmark = pytest.mark.xdist_group("prepare")
+
 REPO = Path(__file__).resolve().parents[1]
 SEED = 42
 EVAL_FRACTION = 0.2
@@ -354,6 +357,9 @@ def test_json_and_image_folder_sources_through_a_column_map(tmp_path):
                "precision": "decimals", "skills": "topic"}
     report = prep.prepare(make_params(tmp_path / "rows.jsonl", **{"data.columns": columns}), tmp_path / "json")
     assert report["dropped"] == {"unparseable_precision": 1} and report["rows_kept"] == 23
+    # a single file is its own one split: data.split ("train" here) played no part in reading it
+    assert report["sources"] == {"all": {"source": str(tmp_path / "rows.jsonl"), "format": "json", "config": None,
+                                         "split": None, "rows": 24}}
     row = load_split(tmp_path / "json", "train")[0]
     assert len(row["id"]) == 16 and row["answer_type"] == "integer" and row["skills"] == "geometry, count"
 
@@ -361,12 +367,14 @@ def test_json_and_image_folder_sources_through_a_column_map(tmp_path):
     params = make_params(folder, **{"data.format": "imagefolder", "data.columns": folder_columns})
     report = prep.prepare(params, tmp_path / "folder-out")
     assert report["rows_kept"] == 23 and report["dropped"] == {"unparseable_precision": 1}
+    assert report["sources"]["all"]["split"] == "train"  # a folder is read by split
 
 
 def test_missing_columns_and_sources_fail_clearly(fixture_source, tmp_path):
     with pytest.raises(prep.PrepareError, match=r"column\(s\) not found: question → 'prompt_text'"):
         prep.prepare(make_params(fixture_source, **{"data.columns.question": "prompt_text"}), tmp_path / "a")
-    with pytest.raises(prep.PrepareError, match="cannot be loaded here"):
+    with pytest.raises(prep.PrepareError, match=r"'AI4Math/NoSuchDataset-xyz' \(format hub, split 'testmini'\) "
+                                                 "cannot be loaded here"):
         prep.prepare(make_params("AI4Math/NoSuchDataset-xyz", **{"data.split": "testmini"}), tmp_path / "b")
     with pytest.raises(ParamsError, match="data.columns.questoin: unknown key"):
         make_params(fixture_source, **{"data.columns.questoin": "q"})
