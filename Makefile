@@ -166,8 +166,11 @@ vllm-serve:  ## vLLM server for train.vllm_mode=server on GPUs of its own: make 
 	  --gpu-memory-utilization $(or $(GPU_MEMORY),0.9) $(if $(MAX_MODEL_LEN),--max-model-len $(MAX_MODEL_LEN)) \
 	  $(if $(ENFORCE_EAGER),--enforce-eager)
 
-test: setup  ## the test suite (CPU, no network)
-	$(PYTHON) -m pytest
+# Two workers (pytest-xdist); the tests that share a module's expensive setup (a clone after
+# make demo, a trained adapter, a vLLM server) are one xdist_group each and run on one worker.
+TEST_WORKERS ?= 2
+test: setup  ## the test suite (CPU, no network) [TEST_WORKERS=2]
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: setup  ## ruff
 	$(PYTHON) -m ruff check pipeline tests scripts

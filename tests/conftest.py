@@ -21,11 +21,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def embedded_root() -> Path:
-    """`make embedded`'s output; rebuilt only when the code that defines it changed."""
+    """`make embedded`'s output; rebuilt only when the code that defines it changed. `make test` runs
+    two pytest workers (pytest-xdist): the first builds it, the other waits on the lock."""
+    from filelock import FileLock
+
     from pipeline.embedded import ROOT, build_all
 
     os.chdir(REPO)
-    return REPO / build_all(ROOT)
+    (REPO / ".cache").mkdir(exist_ok=True)
+    with FileLock(str(REPO / ".cache" / "embedded-build.lock")):
+        return REPO / build_all(ROOT)
 
 
 def git_env() -> dict[str, str]:

@@ -34,6 +34,9 @@ sys.path.insert(0, str(DOCKER_DIR))
 import base_guard  # noqa: E402
 from test_gpu_requirements import gpu_requirements  # noqa: E402
 
+# one pytest-xdist worker runs this module's tests: they share its expensive module fixtures
+pytestmark = pytest.mark.xdist_group("docker")
+
 
 def pins() -> dict[str, str]:
     values = {}

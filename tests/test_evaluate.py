@@ -10,6 +10,9 @@ from pipeline import report
 from pipeline.evaluate import breakdown, build_metrics, score_rows, summarise, wilson_interval
 from pipeline.generation import Generation
 
+# one pytest-xdist worker runs this module's tests: they share its expensive module fixtures
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 ROWS = [
     {"id": "1", "answer": "5", "choices": None, "question_type": "free_form", "answer_type": "integer",
      "precision": None, "unit": None, "category": "math-targeted-vqa", "skills": "arithmetic reasoning, counting"},

@@ -28,6 +28,9 @@ from conftest import REPO, Workspace, demo_params
 from pipeline import infer, infer_images, infer_runs, registry
 from pipeline.params import parse_params
 
+# one pytest-xdist worker runs this module's tests: they share its expensive module fixtures
+pytestmark = pytest.mark.xdist_group("infer")
+
 PROMPT = "How many squares are in the image?"
 GUIDE = REPO / "docs" / "inference_guide.md"
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, demo_params
 
+# one pytest-xdist worker runs this module's tests: they share its expensive module fixtures
+pytestmark = pytest.mark.xdist_group("logp")
+
 sys.path.insert(0, str(REPO / "bench"))
 
 AGREE = 1e-4  # float32 on CPU: padded and unpadded agree to rounding (seen: 0.0 exactly)

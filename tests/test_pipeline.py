@@ -11,6 +11,9 @@ import pytest
 import yaml
 from conftest import clone_repo, git_env
 
+# one pytest-xdist worker: test_readme_commands.py restores this module's demo from the shared DVC cache
+pytestmark = pytest.mark.xdist_group("clone")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,9 @@ from conftest import REPO
 
 from pipeline.rollout_server import wait_until_up
 
+# one pytest-xdist worker runs this module's tests: they share its expensive module fixtures
+pytestmark = pytest.mark.xdist_group("rollouts")
+
 MODEL = "assets/embedded/tiny-qwen2_5_vl"
 # a high learning rate moves the policy fast, so a server that lags it shows at once; no dropout
 # (active in the trainer only, it would differ from vLLM by itself)
