@@ -370,7 +370,9 @@ def _devices(gpus: list[int]) -> str:
 
 def _env(gpus: list[int]) -> dict:
     devices = _devices(gpus)
+    # vLLM's INFO lines (engine start-up split) are parsed from the logs: LOG_LEVEL=info keeps them
     return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=devices, HIP_VISIBLE_DEVICES=devices,
+                LOG_LEVEL=os.environ.get("LOG_LEVEL", "info"),
                 PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
 
 

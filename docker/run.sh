@@ -88,7 +88,7 @@ esac
 hf_cache=${HF_CACHE:-${HF_HOME:-$PWD/.cache/huggingface}}
 cmd=("$DOCKER" run --rm --init "${flags[@]}" --ipc=host --shm-size "${SHM_SIZE:-16g}")
 [ ! -f .env ] || cmd+=(--env-file .env)
-cmd+=(-e HF_TOKEN -e WANDB_API_KEY -v "$PWD:/workspace" -w /workspace
+cmd+=(-e HF_TOKEN -e WANDB_API_KEY -e LOG_LEVEL -v "$PWD:/workspace" -w /workspace
       -v "$hf_cache:/cache/huggingface" -e HF_HOME=/cache/huggingface)
 [ ! -f "$HOME/.gitconfig" ] || cmd+=(-v "$HOME/.gitconfig:/home/grpo/.gitconfig:ro")
 

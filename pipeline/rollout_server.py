@@ -10,6 +10,7 @@ build runs it in float32, like the trainer, and weights reach it through a file 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                              max_model_len=args.max_model_len, gpu=gpu, enforce_eager=args.enforce_eager)
     # the weight-transfer, cache-reset and collective-RPC endpoints live behind vLLM's dev mode
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    logging.getLogger("pipeline.rollout_server").info(
+        "starting the vLLM server on http://%s:%s (its start-up lines show with LOG_LEVEL=info)", args.host, args.port)
     sys.stdout.flush()
     os.execve(command[0], command, env)
 
