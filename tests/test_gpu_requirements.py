@@ -78,7 +78,9 @@ def effective_params(preset: Path | None) -> dict[str, object]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     merged = copy.deepcopy(params)
     if preset is not None:
-        for key, value in (yaml.safe_load(preset.read_text()) or {}).items():
+        from pipeline.params import read_overrides
+
+        for key, value in read_overrides(preset, []).items():  # the presets it extends included
             node = merged
             *parents, leaf = key.split(".")
             for part in parents:
