@@ -84,7 +84,7 @@ class ModelParams(_Section):
 
 
 ColumnName = Annotated[str, Field(min_length=1)]
-SourceFormat = Literal["auto", "hub", "parquet", "json", "imagefolder"]
+SourceFormat = Literal["auto", "hub", "parquet", "json", "csv", "imagefolder"]
 
 
 class ColumnMap(_Section):

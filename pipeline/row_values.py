@@ -130,10 +130,11 @@ def infer_answer_type(answer: str, choices: list[str] | None) -> str:
 
 
 def metadata_value(value: Any) -> str | None:
-    """Flat strings for per-category evaluation: lists joined with ', ', structs as sorted JSON."""
+    """Flat strings for per-category evaluation: lists joined with ', ' (also a list written as text,
+    `'["a", "b"]'`, as CSV holds it), structs as sorted JSON."""
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True, default=str)
-    items = _as_list(value) if not isinstance(value, str) else None
+    items = _as_list(value) if not isinstance(value, str) or value.lstrip().startswith("[") else None
     if items is not None:
         return ", ".join(str(item) for item in items) or None
     return clean_text(value)

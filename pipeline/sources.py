@@ -19,7 +19,7 @@ logger = logging.getLogger("pipeline.prepare")
 REQUIRED_COLUMNS = ("question", "image", "answer")
 
 
-LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
 
@@ -50,7 +50,7 @@ def source_format(source: Source) -> str:
     path = Path(source.name)
     if path.is_file():
         if path.suffix not in LOCAL_FORMATS:
-            raise PrepareError(f"{source.name}: unsupported file type {path.suffix!r} (parquet, json or jsonl)")
+            raise PrepareError(f"{source.name}: unsupported file type {path.suffix!r} (parquet, json, jsonl or csv)")
         return LOCAL_FORMATS[path.suffix]
     return "folder" if path.is_dir() else "hub"
 

@@ -363,6 +363,18 @@ def test_json_and_image_folder_sources_through_a_column_map(tmp_path):
     row = load_split(tmp_path / "json", "train")[0]
     assert len(row["id"]) == 16 and row["answer_type"] == "integer" and row["skills"] == "geometry, count"
 
+    # the same rows as CSV: lists arrive as text, and every column's values as CSV types them
+    import csv
+
+    with (tmp_path / "rows.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "topic": json.dumps(r["topic"])} for r in rows)
+    report = prep.prepare(make_params(tmp_path / "rows.csv", **{"data.columns": columns}), tmp_path / "csv")
+    assert report["rows_kept"] == 23 and report["sources"]["all"]["format"] == "csv"
+    csv_row = load_split(tmp_path / "csv", "train")[0]
+    assert {k: v for k, v in csv_row.items() if v != row[k]} == {}, row
+
     folder_columns = dict(columns, image="image")
     params = make_params(folder, **{"data.format": "imagefolder", "data.columns": folder_columns})
     report = prep.prepare(params, tmp_path / "folder-out")
