@@ -118,20 +118,6 @@ class Plan:
                 f"{train.gradient_accumulation_steps} accumulation = {per_step} completions per optimizer step")
 
 
-def missing_local_inputs(params: Params) -> list[str]:
-    """A source or model named under data/ or models/ that is not there. A path that does not exist
-    reads as a Hub id, so it would pass every check and fail only in the prepare stage, after the
-    run started: the usual cause is a file copied somewhere else, or a preset's example path."""
-    named = [("data.source", params.data.source), ("model.name_or_path", params.model.name_or_path)]
-    if params.data.eval_source is not None:
-        named.append(("data.eval_source.source", params.data.eval_source.source))
-    homes = lineage.INPUT_DIRS[:2]
-    return [f"{key}: {value!r} does not exist: put the file or folder there, or point {key} at where it is "
-            f"(local inputs live under {homes[0]}/ or {homes[1]}/: docs/your_own_data.md)"
-            for key, value in named if Path(value).parts[:1] in [home.parts for home in homes]
-            and not os.path.lexists(value)]
-
-
 def plan(run_id: str | None, preset: str | None, sets: list[str]) -> Plan:
     """Validate everything a run needs before anything is written; ParamsError names the problem."""
     base_text, reset = base_params_text()
@@ -149,7 +135,7 @@ def plan(run_id: str | None, preset: str | None, sets: list[str]) -> Plan:
         # the process count decides the completions per optimizer step: a run records it as a param
         overrides.put("train.num_processes", params.train.processes(visible_gpus()), "the visible GPUs")
         params = parse_params(apply_overrides(raw, overrides, "--set"), PARAMS_FILE, overrides.origins)
-    problems = missing_local_inputs(params) + lineage.uncovered_inputs(params, Path("."))
+    problems = lineage.missing_local_inputs(params) + lineage.uncovered_inputs(params, Path("."))
     if problems:
         raise ParamsError("\n".join(problems))
     return Plan(params.run_id, overrides, params, reset, base_text, overrides.files)

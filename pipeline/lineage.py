@@ -49,6 +49,20 @@ def _symlinked_folder(path: Path) -> Path | None:
     return None
 
 
+def missing_local_inputs(params: Params) -> list[str]:
+    """A source or model named under data/ or models/ that is not there. A path that does not exist
+    reads as a Hub id, so it would pass every check and fail only in the prepare stage, after the
+    run started: the usual cause is a file copied somewhere else, or a preset's example path."""
+    named = [("data.source", params.data.source), ("model.name_or_path", params.model.name_or_path)]
+    if params.data.eval_source is not None:
+        named.append(("data.eval_source.source", params.data.eval_source.source))
+    homes = INPUT_DIRS[:2]
+    return [f"{key}: {value!r} does not exist: put the file or folder there, or point {key} at where it is "
+            f"(local inputs live under {homes[0]}/ or {homes[1]}/: docs/your_own_data.md)"
+            for key, value in named if Path(value).parts[:1] in [home.parts for home in homes]
+            and not os.path.lexists(value)]
+
+
 def uncovered_inputs(params: Params, root: Path) -> list[str]:
     """One message per local input that DVC would not hash, naming the key, the path and the fix."""
     problems = []

@@ -44,6 +44,8 @@ class Reports:
     train = train_curves / "metrics.json"  # … and each one's last value
     evaluation = root / "eval_metrics.json"
     comparison = root / "eval_comparison.csv"
+    results = root / "results.md"  # the evaluation report (pipeline/report.py), results.png beside it
+    sample_outputs = root / "sample_outputs.md"
 EXIT_BAD_PARAMS = 2
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

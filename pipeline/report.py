@@ -15,8 +15,6 @@ from pathlib import Path
 
 from pipeline.params import Reports
 
-RESULTS = Path("reports/results.md")  # with results.png next to it
-SAMPLE_OUTPUTS = Path("reports/sample_outputs.md")
 SAMPLES = 6
 OVERALL = ("accuracy", "strict_format", "soft_format", "extraction_rate", "truncation_rate")
 
@@ -62,7 +60,7 @@ def markdown(run_id: str, metrics: dict, chart: str | None) -> str:
                          f"{stats['accuracy'] - before:+.3f} |")
     if chart:
         lines += ["", f"![base vs adapter]({chart})"]
-    lines += ["", f"Side-by-side answers: [{SAMPLE_OUTPUTS.name}]({SAMPLE_OUTPUTS.name}).", ""]
+    lines += ["", f"Side-by-side answers: [{Reports.sample_outputs.name}]({Reports.sample_outputs.name}).", ""]
     return "\n".join(lines)
 
 
@@ -114,7 +112,7 @@ def write_all(run_id: str, metrics: dict, predictions: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["group", "model", "value"])
         writer.writeheader()
         writer.writerows(rows)
-    chart = RESULTS.with_suffix(".png")
+    chart = Reports.results.with_suffix(".png")
     bar_chart(rows, chart)
-    RESULTS.write_text(markdown(run_id, metrics, chart.name))
-    SAMPLE_OUTPUTS.write_text(samples_markdown(run_id, predictions))
+    Reports.results.write_text(markdown(run_id, metrics, chart.name))
+    Reports.sample_outputs.write_text(samples_markdown(run_id, predictions))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline import registry, report
+from pipeline import registry
 from pipeline.params import OUTPUT_ROOT, Reports, load_params_or_exit
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     print(f"  metrics:   {metrics_file}")
     print(f"  adapter:   {root / 'adapter'}")
     print(f"  plots:     {Reports.train_curves / 'plots'}, {Reports.comparison}  (dvc plots show)")
-    print(f"  report:    {report.RESULTS}, {report.SAMPLE_OUTPUTS}")
+    print(f"  report:    {Reports.results}, {Reports.sample_outputs}")
     print(f"  registry:  {params.publish.registry_file} (entry {run_id!r}), "
           f"{registry.doc_path(params.publish.registry_file)}")
     print(f"  try it:    make infer RUN_ID={run_id} IMAGES=<image or folder> PROMPT=\"…\" (docs/inference_guide.md)")
