@@ -169,7 +169,8 @@ def main() -> None:
                     continue  # the refusal does not depend on the dtype: shown once per model
                 spec = {"dir": model_dir, "dtype": dtype, "filter": engine_filter}
                 started = time.perf_counter()
-                env = {**os.environ, "PYTHONPATH": str(REPO)}
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}  # keeps an installed payload
                 result = subprocess.run([sys.executable, __file__, "--case", json.dumps(spec),
                                          "--gpu-memory-utilization", str(args.gpu_memory_utilization),
                                          *(["--enforce-eager"] if args.enforce_eager else [])],
