@@ -327,6 +327,13 @@ def main() -> None:
         processes = training_processes(params, torch.cuda.device_count())  # no CUDA context yet; ROCm too
         if processes > 1:
             raise SystemExit(relaunch_distributed(params, processes))
+        # One process: its colocated vLLM still opens a torch.distributed store on MASTER_PORT.
+        # accelerate (1.x, state.py, CPU) fills an unset MASTER_PORT with a fixed 29500, so two runs on
+        # one machine (DVC's queue with JOBS=2, parallel tests) collided with EADDRINUSE; a free port is
+        # chosen first, by TRL's own helper (it keeps a MASTER_PORT the user set).
+        from trl.trainer.utils import ensure_master_addr_port
+
+        ensure_master_addr_port()
 
     from pipeline.modeling import ModelNotAvailableError
     from pipeline.rollouts import RolloutServerError
