@@ -318,6 +318,14 @@ def relaunch_distributed(params: Params, processes: int) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
+def ephemeral_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
 def main() -> None:
     params = load_params_or_exit()
     logs.configure()
@@ -327,13 +335,14 @@ def main() -> None:
         processes = training_processes(params, torch.cuda.device_count())  # no CUDA context yet; ROCm too
         if processes > 1:
             raise SystemExit(relaunch_distributed(params, processes))
-        # One process: its colocated vLLM still opens a torch.distributed store on MASTER_PORT.
-        # accelerate (1.x, state.py, CPU) fills an unset MASTER_PORT with a fixed 29500, so two runs on
-        # one machine (DVC's queue with JOBS=2, parallel tests) collided with EADDRINUSE; a free port is
-        # chosen first, by TRL's own helper (it keeps a MASTER_PORT the user set).
-        from trl.trainer.utils import ensure_master_addr_port
-
-        ensure_master_addr_port()
+        # One process: its colocated vLLM still opens a torch.distributed store on MASTER_PORT. Unset,
+        # accelerate 1.15 (state.py, CPU) fills it with 29500 and TRL 1.16 (ensure_master_addr_port)
+        # tries 29500, 23456, … in order, so two runs starting together on one machine (DVC's queue
+        # with JOBS=2, parallel tests) took the same port and one died with EADDRINUSE. A port the OS
+        # hands out is chosen first; a MASTER_PORT the user set is kept.
+        if not os.environ.get("MASTER_PORT"):
+            os.environ.setdefault("MASTER_ADDR", "localhost")
+            os.environ["MASTER_PORT"] = str(ephemeral_port())
 
     from pipeline.modeling import ModelNotAvailableError
     from pipeline.rollouts import RolloutServerError
