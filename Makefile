@@ -160,11 +160,11 @@ _infer: setup
 compare: setup  ## every run's headline metrics and differing params (all of them: dvc exp show)
 	@$(PYTHON) -m pipeline.compare
 
-vllm-serve:  ## vLLM server for train.vllm_mode=server on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…] [MAX_MODEL_LEN=…] [ENFORCE_EAGER=1]
+vllm-serve:  ## vLLM server for train.vllm_mode=server on GPUs of its own: make vllm-serve GPUS=7 [MODEL=…] [MAX_MODEL_LEN=…] [PRECISION=fp8] [ENFORCE_EAGER=1]
 	CUDA_VISIBLE_DEVICES=$(or $(GPUS),0) HIP_VISIBLE_DEVICES=$(or $(GPUS),0) \
 	  $(PYTHON) -m pipeline.rollout_server --model $(MODEL) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000) \
 	  --gpu-memory-utilization $(or $(GPU_MEMORY),0.9) $(if $(MAX_MODEL_LEN),--max-model-len $(MAX_MODEL_LEN)) \
-	  $(if $(ENFORCE_EAGER),--enforce-eager)
+	  $(if $(ENFORCE_EAGER),--enforce-eager) --precision $(or $(PRECISION),bf16)
 
 # Two workers (pytest-xdist); the tests that share a module's expensive setup (a clone after
 # make demo, a trained adapter, a vLLM server) are one xdist_group each and run on one worker.

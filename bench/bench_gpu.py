@@ -106,6 +106,15 @@ CONFIGS = {
     # a 141 GB card (as in presets/gpu-h200-qwen3-vl-8b.yaml): adapter-only sync, 2 micro-batches of 8 (half the passes)
     "B-h200": {**TUNED, "train.vllm_weight_sync": "adapter", "train.per_device_train_batch_size": 8,
                "train.gradient_accumulation_steps": 2},
+    # FP8 rollouts (pipeline/rollout_precision.py): vLLM quantizes the bf16 weights; merged sync
+    # re-quantizes every step, adapter-only sync quantizes the base once
+    "B-fp8": {**TUNED, "train.rollout_precision": "fp8"},
+    "B-adapter-fp8": {**TUNED, "train.vllm_weight_sync": "adapter", "train.rollout_precision": "fp8"},
+    "B-h200-fp8": {**TUNED, "train.vllm_weight_sync": "adapter", "train.per_device_train_batch_size": 8,
+                   "train.gradient_accumulation_steps": 2, "train.rollout_precision": "fp8"},
+    "B-server-fp8": {**TUNED, "train.vllm_mode": "server", "train.rollout_precision": "fp8"},
+    "B-overlap-fp8": {**TUNED, "train.vllm_mode": "server", "train.rollout_overlap": 1,
+                      "train.rollout_precision": "fp8"},
 }
 SERVER_PORT = 8000
 # The most `sampling/sampling_logp_difference/mean` a step may show (random weights: ~0.05-0.09 with
@@ -382,7 +391,8 @@ class VllmServer:
     def __init__(self, model_dir: Path, gpu: int, params: dict, log: Path):
         self.command = ["make", "-C", str(REPO), "--no-print-directory", "vllm-serve", "LOCAL=1",
                         f"GPUS={_devices([gpu])}", f"MODEL={model_dir.resolve()}", f"PORT={SERVER_PORT}",
-                        f"MAX_MODEL_LEN={params['train']['vllm_max_model_length'] or params['model']['max_model_len']}"]
+                        f"MAX_MODEL_LEN={params['train']['vllm_max_model_length'] or params['model']['max_model_len']}",
+                        f"PRECISION={params['train']['rollout_precision']}"]
         self.log = log
 
     def __enter__(self):

@@ -140,17 +140,6 @@ def _merged_weights(named_params) -> dict:
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in named_params}
 
 
-def _cpu_sync_weights(generation) -> None:
-    """vLLM's CPU backend repacks linear weights after loading, so TRL's per-tensor `load_weights`
-    fails ('Parameter' object has no attribute 'weight_loader'). Reload the full set through the
-    model runner instead, then drop the prefix and encoder caches that still hold the old weights."""
-    weights = list(_merged_weights(generation._iter_named_params()).items())
-    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
-    runner.reload_weights(weights_iterator=weights)
-    generation.llm.reset_prefix_cache()
-    generation.llm.llm_engine.reset_encoder_cache()
-
-
 def add_vllm_engine_options(**options: Any) -> None:
     """TRL 1.16 builds its colocated `vllm.LLM` from a fixed set of arguments (no pass-through for
     others, such as a dtype or LoRA support); add to them. Call before building the trainer.
@@ -192,7 +181,9 @@ def _full_weight_reload_on_cpu(context: dict) -> bool:
     generation = _colocated(context)
     if generation is None or context.get("adapter_only"):  # the adapter sync loads no base weights
         return False
-    generation.sync_weights = lambda: _cpu_sync_weights(generation)
+    from pipeline.rollout_precision import ReloadingSync
+
+    ReloadingSync(generation)
     return True
 
 
@@ -200,7 +191,7 @@ def _server_weights_through_a_file(context: dict) -> bool:
     """TRL's server client pushes weights over vLLM's NCCL weight-transfer engine only (its
     `init_communicator` refuses a CPU device); vLLM has no CPU transfer backend. On a CPU machine the
     merged weights go through a safetensors file instead, which the server reloads in place through
-    its `reload_weights` collective RPC (the same full reload as `_cpu_sync_weights`), before TRL
+    its `reload_weights` collective RPC (the same full reload as `rollout_precision.ReloadingSync`), before TRL
     resets the prefix cache. Before the trainer is built (it opens the connection); CPU only."""
     if not (context.get("use_vllm") and context.get("vllm_mode") == "server"):
         return False

@@ -182,7 +182,7 @@ class TrainParams(_Section):
     # the project's own keys: they steer this project's code and never reach GRPOConfig
     PROJECT_KEYS: ClassVar[frozenset[str]] = frozenset({
         "vllm_weight_sync", "max_logp_difference", "max_logp_difference_steps", "num_processes",
-        "accelerate_config", "rollout_overlap", "rollout_timeout"})
+        "accelerate_config", "rollout_overlap", "rollout_timeout", "rollout_precision"})
     # GRPOConfig fields the train stage sets from elsewhere (run id, seed, rewards, the machine)
     DERIVED_KEYS: ClassVar[dict[str, str]] = {
         "output_dir": "outputs/<run_id>/checkpoints", "run_name": "run_id", "seed": "the top-level seed",
@@ -229,6 +229,10 @@ class TrainParams(_Section):
     # step stale, corrected by TRL's importance sampling; pipeline/rollouts.py); 0 = in turn
     rollout_overlap: Literal[0, 1]
     rollout_timeout: Annotated[float, Field(gt=0.0)]  # server mode: seconds one step's rollout may take
+    # the weights vLLM generates from: bf16, or fp8 quantized by vLLM at load (the trainer stays
+    # bf16; TRL's importance sampling corrects the gap; pipeline/rollout_precision.py)
+    rollout_precision: Literal["bf16", "fp8"]
+    vllm_importance_sampling_correction: bool
 
     def grpo_kwargs(self) -> dict:
         """Every key of `train:` that is TRL's, as GRPOConfig takes it."""
@@ -271,6 +275,24 @@ class TrainParams(_Section):
         if self.vllm_enable_sleep_mode:
             raise ValueError("train.vllm_weight_sync: adapter needs vLLM to keep the base weights between rollouts, "
                              "which sleep mode discards: set train.vllm_enable_sleep_mode: false")
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_rollouts_are_corrected(self) -> TrainParams:
+        """FP8 weights sample from a slightly different policy than the bf16 one trained: without the
+        importance-sampling correction the gradient would be biased, with no error anywhere."""
+        if self.rollout_precision == "bf16":
+            return self
+        if not self.use_vllm:
+            raise PydanticCustomError("train_key", "train.rollout_precision: {precision} quantizes vLLM's weights: "
+                                      "set train.use_vllm: true",
+                                      {"key": "use_vllm", "precision": self.rollout_precision})
+        if not self.vllm_importance_sampling_correction:
+            raise PydanticCustomError(
+                "train_key", "train.rollout_precision: {precision} samples from quantized weights, which only TRL's "
+                "importance-sampling correction reconciles with the bf16 policy trained: set "
+                "train.vllm_importance_sampling_correction: true",
+                {"key": "vllm_importance_sampling_correction", "precision": self.rollout_precision})
         return self
 
     @model_validator(mode="after")

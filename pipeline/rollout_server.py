@@ -17,17 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import compat, logs
+from pipeline import compat, logs, rollout_precision
 from pipeline.modeling import cpu_vllm_environment, on_gpu
 
 
 def server_command(model: str, *, host: str, port: int, gpu_memory_utilization: float,
-                   max_model_len: int | None, gpu: bool, enforce_eager: bool = False) -> list[str]:
+                   max_model_len: int | None, gpu: bool, enforce_eager: bool = False,
+                   precision: str = "bf16") -> list[str]:
     from trl.scripts.vllm_serve import ScriptArguments, build_command
 
     command = build_command(ScriptArguments(model=model, host=host, port=port, max_model_len=max_model_len,
                                             gpu_memory_utilization=gpu_memory_utilization,
-                                            enforce_eager=enforce_eager))
+                                            enforce_eager=enforce_eager),
+                            extra_args=rollout_precision.server_arguments(precision))
     compat.apply("server", on_gpu=gpu, command=command)
     return command
 
@@ -59,14 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no torch.compile nor CUDA graphs: starts faster, decodes slower")
+    parser.add_argument("--precision", choices=sorted(rollout_precision.QUANTIZATION), default="bf16",
+                        help="the weights it generates from: the run's train.rollout_precision (fp8: GPU only)")
     args = parser.parse_args(argv)
     logs.configure()
     gpu = on_gpu()
+    if args.precision != "bf16" and not gpu:
+        parser.error(f"--precision {args.precision} needs a GPU: vLLM's CPU build has no FP8 kernels")
     if not gpu:
         cpu_vllm_environment()
     command = server_command(args.model, host=args.host, port=args.port,
                              gpu_memory_utilization=args.gpu_memory_utilization,
-                             max_model_len=args.max_model_len, gpu=gpu, enforce_eager=args.enforce_eager)
+                             max_model_len=args.max_model_len, gpu=gpu, enforce_eager=args.enforce_eager,
+                             precision=args.precision)
     # the weight-transfer, cache-reset and collective-RPC endpoints live behind vLLM's dev mode
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
     logging.getLogger("pipeline.rollout_server").info(

@@ -182,25 +182,30 @@ def train(params: Params) -> Path:
     from datasets import load_dataset
     from trl import GRPOTrainer
 
-    from pipeline import adapter_sync, compat, modeling, on_policy, rollouts
+    from pipeline import adapter_sync, compat, modeling, on_policy, rollout_precision, rollouts
     from pipeline.rewards import resolve_rewards
 
+    gpu = on_gpu()
+    use_vllm = params.train.use_vllm and vllm_installed()
+    precision = params.train.rollout_precision
+    rollout_precision.refuse_without_a_gpu(precision, gpu=gpu, use_vllm=use_vllm)
     dirs = run_dirs(params)
     train_file = dirs["data"] / "train.parquet"
     if not train_file.is_file():
         raise SystemExit(f"train: error: {train_file} not found; run the prepare stage first (dvc repro prepare)")
 
-    gpu = on_gpu()
-    use_vllm = params.train.use_vllm and vllm_installed()
     if params.train.use_vllm and not use_vllm:
         logger.warning("vLLM is not installed: rollouts use transformers generate (slower)")
     if use_vllm and not gpu:
         cpu_vllm_environment()
         if params.train.vllm_enable_sleep_mode:
             logger.info("vLLM sleep mode is a GPU feature: running without it on this CPU machine")
+    colocated = use_vllm and params.train.vllm_mode == "colocate"
     adapter_only = use_vllm and params.train.vllm_weight_sync == "adapter"
     if adapter_only:
         adapter_sync.enable_lora_in_engine(params.lora.r, params.lora.target_modules)
+    if colocated:
+        compat.add_vllm_engine_options(**rollout_precision.engine_options(precision))
     compat.apply("engine", on_gpu=gpu, use_vllm=use_vllm, vllm_mode=params.train.vllm_mode,
                  weights_dir=dirs["rollout_weights"])
 
@@ -232,6 +237,10 @@ def train(params: Params) -> Path:
     logger.info("trainer ready in %.1f s (the colocated vLLM engine's start included)", time.perf_counter() - started)
     compat.apply("trainer", on_gpu=gpu, trainer=trainer, adapter_only=adapter_only,
                  wandb_completions=params.train.log_completions and "wandb" in report_to)
+    if colocated and precision != "bf16" and not adapter_only:
+        rollout_precision.ReloadingSync(trainer.vllm_generation)
+    if use_vllm and params.train.vllm_mode == "server" and is_main_process():
+        rollout_precision.check_server(trainer.vllm_generation.vllm_client.base_url, precision)
     policy_adapter = adapter_sync.attach(trainer) if adapter_only else None
     on_policy.reuse_loss_forward(trainer)
     server_rollouts = rollouts.attach(trainer, overlap=params.train.rollout_overlap,

@@ -113,6 +113,7 @@ MALFORMED = [
     ("train.rollout_overlap", 1, "train", "train.vllm_mode: server"),  # overlap needs a server
     ("train.rollout_overlap", 2, "train.rollout_overlap", "0 or 1"),
     ("train.rollout_timeout", 0, "train.rollout_timeout", "greater than 0"),
+    ("train.rollout_precision", "fp4", "train.rollout_precision", "'bf16' or 'fp8'"),
     # `train:` takes any field of TRL's GRPOConfig, checked by name and simple type without importing TRL
     ("train.top_kk", 5, "train.top_kk", "unknown key"),
     ("train.top_k", "5", "train.top_k", "GRPOConfig declares it int"),
@@ -160,6 +161,23 @@ def test_overlapped_rollouts_accept_the_default_schedule_spelled_out(key, value)
     """The values the overlap needs, written out (8 x 2 completions per step): not refused."""
     raw = _set(_set(SHIPPED, "train.vllm_mode", "server"), "train.rollout_overlap", 1)
     assert getattr(parse_params(_set(raw, f"train.{key}", value)).train, key) == value
+
+
+FP8_REFUSED = [  # (train key, value, what the message says): fp8 samples from another policy than the trained one
+    ("vllm_importance_sampling_correction", False, "importance-sampling correction"),
+    ("use_vllm", False, "set train.use_vllm: true"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "reason"), FP8_REFUSED, ids=[key for key, _, _ in FP8_REFUSED])
+def test_fp8_rollouts_need_vllm_and_the_importance_sampling_correction(key, value, reason):
+    raw = _set(SHIPPED, "train.rollout_precision", "fp8")
+    assert parse_params(raw).train.rollout_precision == "fp8"
+    parse_params(_set(SHIPPED, f"train.{key}", value))  # accepted with bf16 rollouts
+    with pytest.raises(ParamsError) as error:
+        parse_params(_set(raw, f"train.{key}", value))
+    message = str(error.value)
+    assert f": train.{key}: train.rollout_precision: fp8 " in message and reason in message, message
 
 
 @pytest.mark.parametrize(("key", "value", "named", "reason"), MALFORMED[:11], ids=[m[0] for m in MALFORMED[:11]])

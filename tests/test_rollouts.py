@@ -143,6 +143,20 @@ def test_the_server_command_is_trls_with_the_cpu_fixes():
     assert cpu[5:] == expected
     gpu = server_command("m", host="127.0.0.1", port=8123, gpu_memory_utilization=0.5, max_model_len=1024, gpu=True)
     assert gpu == trls
+    fp8 = server_command("m", host="127.0.0.1", port=8123, gpu_memory_utilization=0.5, max_model_len=1024, gpu=True,
+                         precision="fp8")
+    assert fp8 == [*trls, "--quantization", "fp8_per_tensor"]  # vLLM quantizes the bf16 checkpoint at load
+
+
+def test_the_trainer_refuses_a_server_at_another_precision(server):
+    """The run reads the precision the server generates at from the server itself."""
+    from pipeline.rollout_precision import PrecisionMismatch, check_server
+
+    url = f"http://127.0.0.1:{server.port}"
+    check_server(url, "bf16")  # the CPU server: the checkpoint's own weights
+    with pytest.raises(PrecisionMismatch, match=r"runs at precision bf16 but train.rollout_precision is fp8: "
+                                                r"restart it with `make vllm-serve PRECISION=fp8`"):
+        check_server(url, "fp8")
 
 
 @pytest.mark.parametrize(("mode", "masked_share"), [("sequence_mask", 1 / 3), ("token_mask", 2 / 6),
