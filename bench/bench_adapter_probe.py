@@ -181,7 +181,9 @@ def main() -> None:
                 if result.returncode == 0 and lines:
                     case.update(json.loads(lines[-1][5:]))
                 else:
-                    case["error"] = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                    lines = result.stderr.strip().splitlines() or ["no output"]
+                    frames = [line.strip() for line in lines if line.strip().startswith("File ")]
+                    case["error"] = " ".join([*frames[-1:], lines[-1]])  # where it stopped, and why
                     print(result.stderr[-3000:], file=sys.stderr)
                 cases.append(case)
                 print(table([case]).splitlines()[-1], flush=True)
