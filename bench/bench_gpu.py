@@ -114,6 +114,7 @@ CONFIGS = {
     "B-adapter-fp8": {**TUNED, "train.vllm_weight_sync": "adapter", **FP8},
     "B-h200-fp8": {**TUNED, "train.vllm_weight_sync": "adapter", "train.per_device_train_batch_size": 8,
                    "train.gradient_accumulation_steps": 2, **FP8},
+    "B-micro2-fp8": {**TUNED, "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 8, **FP8},
     "B-server-fp8": {**TUNED, "train.vllm_mode": "server", **FP8},
     "B-overlap-fp8": {**TUNED, "train.vllm_mode": "server", "train.rollout_overlap": 1, **FP8},
 }
