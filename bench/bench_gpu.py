@@ -322,6 +322,10 @@ def phase_split(history: list[dict], warmup: int, completions_per_step: int, gpu
         "staleness_max": _rounded(max((e.get("rollout/staleness", 0) for e in timed), default=None)),
         "masked_share_max": _rounded(max((e.get("sampling/importance_sampling_masked_share", 0) for e in timed),
                                          default=None), 3),
+        # the ratio's batch mean at its lowest: near 0, the correction silences the batch (sequence
+        # ratios far below 1 are not "masked" without a lower clip bound, yet weigh nothing)
+        "is_ratio_mean_min": _rounded(min((e.get("sampling/importance_sampling_ratio/mean", 1) for e in timed),
+                                          default=None), 3),
     }
 
 

@@ -142,13 +142,18 @@ def _merged_weights(named_params) -> dict:
 
 def add_vllm_engine_options(**options: Any) -> None:
     """TRL 1.16 builds its colocated `vllm.LLM` from a fixed set of arguments (no pass-through for
-    others, such as a dtype or LoRA support); add to them. Call before building the trainer.
-    Repeated calls add up (a later value of the same option wins)."""
-    import functools
-
+    others, such as a dtype, LoRA support or a quantization); add to them. Call before building the
+    trainer. These options win over TRL's own values of the same argument (TRL passes
+    `quantization=None` explicitly, which a `functools.partial` keyword would lose to); repeated
+    calls add up, a later value of the same option winning."""
     from trl.generation import vllm_generation
 
-    vllm_generation.LLM = functools.partial(vllm_generation.LLM, **options)
+    build = vllm_generation.LLM
+
+    def llm_with_options(*args: Any, **kwargs: Any):
+        return build(*args, **{**kwargs, **options})
+
+    vllm_generation.LLM = llm_with_options
 
 
 def use_fp32_vllm_on_cpu(context: dict) -> bool:

@@ -40,6 +40,16 @@ def engine_options(precision: str) -> dict:
     return {"quantization": method} if method else {}
 
 
+def check_engine(llm: Any, precision: str) -> None:
+    """The colocated engine generates at the run's precision: an option lost on the way to TRL's
+    `vllm.LLM` would otherwise leave a bf16 engine under an fp8 run's record, with no error."""
+    built = llm.llm_engine.model_config.quantization
+    if built != QUANTIZATION[precision]:
+        raise PrecisionMismatch(f"train.rollout_precision is {precision} but the colocated vLLM engine was built "
+                                f"with quantization {built!r} (expected {QUANTIZATION[precision]!r})")
+    logger.info("the colocated vLLM engine generates at precision %s (quantization %s)", precision, built)
+
+
 def server_arguments(precision: str) -> list[str]:
     """Arguments of `vllm serve` for `precision` (pipeline.rollout_server)."""
     method = QUANTIZATION[precision]

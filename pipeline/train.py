@@ -237,8 +237,10 @@ def train(params: Params) -> Path:
     logger.info("trainer ready in %.1f s (the colocated vLLM engine's start included)", time.perf_counter() - started)
     compat.apply("trainer", on_gpu=gpu, trainer=trainer, adapter_only=adapter_only,
                  wandb_completions=params.train.log_completions and "wandb" in report_to)
-    if colocated and precision != "bf16" and not adapter_only:
-        rollout_precision.ReloadingSync(trainer.vllm_generation)
+    if colocated:
+        rollout_precision.check_engine(trainer.vllm_generation.llm, precision)
+        if precision != "bf16" and not adapter_only:
+            rollout_precision.ReloadingSync(trainer.vllm_generation)
     if use_vllm and params.train.vllm_mode == "server" and is_main_process():
         rollout_precision.check_server(trainer.vllm_generation.vllm_client.base_url, precision)
     policy_adapter = adapter_sync.attach(trainer) if adapter_only else None

@@ -68,3 +68,30 @@ def test_the_rollout_server_refuses_fp8_on_a_cpu():
                             cwd=REPO, capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 2 and "--precision fp8 needs a GPU" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_engine_options_win_over_trls_own_arguments(monkeypatch):
+    """TRL 1.16 passes `quantization=None` to its colocated `vllm.LLM` explicitly: an option added
+    as a `functools.partial` keyword lost to it, and an fp8 run generated in bf16 with no error."""
+    from trl.generation import vllm_generation
+
+    from pipeline import compat
+
+    built = []
+    monkeypatch.setattr(vllm_generation, "LLM", lambda *args, **kwargs: built.append(kwargs))  # records the call
+    compat.add_vllm_engine_options(**rollout_precision.engine_options("fp8"))
+    compat.add_vllm_engine_options(enable_lora=True)
+    vllm_generation.LLM(model="m", quantization=None, seed=0)  # as TRL calls it
+    assert built == [{"model": "m", "quantization": "fp8_per_tensor", "seed": 0, "enable_lora": True}]
+
+
+def test_the_stage_refuses_an_engine_built_at_another_precision():
+    class Engine:  # the attribute path the check reads on a `vllm.LLM`
+        def __init__(self, quantization):
+            self.llm_engine = type("E", (), {"model_config": type("C", (), {"quantization": quantization})})
+
+    rollout_precision.check_engine(Engine("fp8_per_tensor"), "fp8")
+    rollout_precision.check_engine(Engine(None), "bf16")
+    with pytest.raises(rollout_precision.PrecisionMismatch, match="train.rollout_precision is fp8 but the colocated "
+                                                                  "vLLM engine was built with quantization None"):
+        rollout_precision.check_engine(Engine(None), "fp8")
