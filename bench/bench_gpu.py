@@ -42,6 +42,10 @@ SHAPES = {
         hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
         tie_word_embeddings=True, rope_parameters=_QWEN25_ROPE), vision={**_QWEN25_VISION, "out_hidden_size": 2048}),
+    "qwen2_5_vl-32b": dict(kind="qwen2_5_vl", patch_size=14, text=dict(
+        hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+        num_key_value_heads=8, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        rope_parameters=_QWEN25_ROPE), vision={**_QWEN25_VISION, "out_hidden_size": 5120}),
     "qwen3_vl-8b": dict(kind="qwen3_vl", patch_size=16, text=dict(
         hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144, rms_norm_eps=1e-6,
@@ -116,6 +120,12 @@ CONFIGS = {
                    "train.gradient_accumulation_steps": 2, **FP8},
     "B-micro2-fp8": {**TUNED, "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 8, **FP8},
     "B-server-fp8": {**TUNED, "train.vllm_mode": "server", **FP8},
+    # QLoRA (model.quantization: 4bit): the trainer's base in NF4, vLLM on it dequantized, adapter-only sync
+    "B-qlora": {**TUNED, "train.vllm_weight_sync": "adapter", "model.quantization": "4bit"},
+    # 32B shapes on one card: 4-bit trainer, vLLM's bf16 copy in a 0.55 pool (64 GB of weights), recomputation
+    "B-qlora-32b": {**TUNED, "train.vllm_weight_sync": "adapter", "model.quantization": "4bit",
+                    "train.vllm_gpu_memory_utilization": 0.55, "train.gradient_checkpointing": True,
+                    "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 8},
     "B-overlap-fp8": {**TUNED, "train.vllm_mode": "server", "train.rollout_overlap": 1, **FP8},
 }
 SERVER_PORT = 8000

@@ -107,6 +107,23 @@ class AdapterSync:
         return getattr(self.llm, name)
 
 
+def trainer_base_weights(model: Any):
+    """The base weights the trainer computes with, under the checkpoint's names: a 4-bit layer
+    (`model.quantization: 4bit`) dequantized, so vLLM's base is the trainer's and not the checkpoint
+    the quantization rounded; the adapter's own weights are left out (they travel by `sync`)."""
+    import bitsandbytes as bnb
+
+    prefix = model.prefix  # "lora_": PEFT's parameters
+    for name, param in model.named_parameters():
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if prefix in name:
+            continue
+        if isinstance(param, bnb.nn.Params4bit):
+            yield name, bnb.functional.dequantize_4bit(param.data, param.quant_state)
+        else:
+            yield name, param.detach()
+
+
 def _jsonable(value: Any) -> Any:
     """What json cannot write in a peft config: sets of module names, enums."""
     if isinstance(value, (set, frozenset)):
@@ -276,6 +293,11 @@ def attach(trainer: Any) -> AdapterSync | None:
     sync = AdapterSync(generation, trainer.model)
     logger.info("weight sync: the LoRA adapter only (vLLM serves the base weights with LoRA enabled)")
     try:
+        if getattr(trainer.model, "is_loaded_in_4bit", False):  # model.quantization: 4bit
+            from pipeline.rollout_precision import reload_weights
+
+            reload_weights(sync.llm, trainer_base_weights(trainer.model))
+            logger.info("vLLM's base weights: the trainer's 4-bit base, dequantized")
         check(probe(sync, trainer.model, trainer.processing_class, seed=trainer.args.seed), engine_targets(sync.llm))
     except Exception:
         from pipeline import compat

@@ -224,17 +224,49 @@ def load_processor(name_or_path: str, revision: str = "main", **kwargs):
         raise ModelNotAvailableError(_not_available(name_or_path, error)) from None
 
 
+# Kept in the checkpoint's dtype when the base is quantized: the frozen vision tower, whose
+# features must stay vLLM's (vLLM serves the unquantized checkpoint), and the LM head (log-probs).
+UNQUANTIZED_MODULES = ["model.visual", "lm_head"]  # prefixes (transformers matches from the start)
+
+
+def quantization_config(quantization: str, dtype: str = "auto"):
+    """transformers' `BitsAndBytesConfig` for `model.quantization` (None for `none`): QLoRA's NF4
+    with double quantization, computing in the model's dtype (bf16 on GPUs)."""
+    if quantization == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = resolve_dtype(dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8,
+                              llm_int8_skip_modules=UNQUANTIZED_MODULES)
+
+
 def load_model(name_or_path: str, revision: str = "main", dtype: str = "auto",
-               attn_implementation: str = "sdpa"):
-    """The model class comes from the checkpoint's config, so Qwen2.5-VL and Qwen3-VL share this code."""
+               attn_implementation: str = "sdpa", quantization: str = "none"):
+    """The model class comes from the checkpoint's config, so Qwen2.5-VL and Qwen3-VL share this code.
+    `quantization: 4bit` loads the base for QLoRA training (`prepare_for_kbit_training` next)."""
     from transformers import AutoModelForImageTextToText
 
+    options = {}
+    if quantization != "none":  # bitsandbytes quantizes as it places the weights: on this process's GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_gpu() else "cpu"
+        options = {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device}}
     try:
         return AutoModelForImageTextToText.from_pretrained(
-            name_or_path, revision=revision, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
-        )
+            name_or_path, revision=revision, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+            **options)
     except OSError as error:
         raise ModelNotAvailableError(_not_available(name_or_path, error)) from None
+
+
+def prepare_for_kbit_training(model, gradient_checkpointing: bool):
+    """peft's preparation of a quantized base for adapter training (layer norms in float32, input
+    gradients for checkpointing); before the adapter is added."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def _not_available(name_or_path: str, error: Exception) -> str:

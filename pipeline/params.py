@@ -77,6 +77,9 @@ class ModelParams(_Section):
     min_pixels: PositiveInt = 3136
     max_pixels: PositiveInt = 262144
     max_model_len: PositiveInt = 32768  # context the prompt (image tokens included) and completion share
+    # the trainer's frozen base: none, or 4bit (bitsandbytes NF4, double quantization, the model
+    # dtype as compute dtype; QLoRA). vLLM always loads the checkpoint unquantized (modeling.py)
+    quantization: Literal["none", "4bit"] = "none"
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelParams:
@@ -417,6 +420,18 @@ class Params(_Section):
                              "prepare drops the prompts that would not fit vLLM's context")
         return self
 
+    @model_validator(mode="after")
+    def _quantized_base_syncs_the_adapter_only(self) -> Params:
+        if self.model.quantization == "none" or not self.train.use_vllm:
+            return self
+        if self.train.vllm_weight_sync != "adapter":
+            raise PydanticCustomError(
+                "train_key", "model.quantization: {quantization} keeps a quantized base in the trainer only: "
+                "the merged sync would merge the adapter into it (rounding the update away, huggingface/trl#3466) and "
+                "need vLLM to load it quantized; set train.vllm_weight_sync: adapter (vLLM keeps the bf16 base and "
+                "receives the adapter)", {"key": "train.vllm_weight_sync", "quantization": self.model.quantization})
+        return self
+
     @property
     def output_dir(self) -> Path:
         return OUTPUT_ROOT / self.run_id
@@ -516,8 +531,8 @@ def _validation_problems(error: ValidationError, raw: Mapping) -> list[Problem]:
     for item in error.errors():
         loc = tuple(str(part) for part in item["loc"])
         key = ".".join(loc) or "(top level)"
-        if item["type"] == "train_key":  # raised for the whole section: name the key itself
-            key = f"{key}.{item['ctx']['key']}"
+        if item["type"] == "train_key":  # raised for a whole section (or all params): name the key itself
+            key = ".".join((*loc, item["ctx"]["key"]))
         if item["type"] == "missing":
             reason = f"missing (required{_near_miss(raw, loc)})"
         elif item["type"] == "extra_forbidden":

@@ -172,6 +172,11 @@ def key_metrics(metrics: Mapping[str, Any] | None) -> dict | None:
             for name in ("base", "adapter") if name in metrics}
 
 
+# How the trainer held the base (model.quantization), as the model card states it
+QUANTIZED_BASE = {"none": "unquantized (the checkpoint's dtype)",
+                  "4bit": "4-bit NF4, double quantization (bitsandbytes)"}
+
+
 def registry_fields(params: Params) -> dict:
     root = params.output_dir
     model = params.model
@@ -250,6 +255,7 @@ def build_model_card(params: Params, entry: Mapping[str, Any], metrics: Mapping[
         ("run id (Hub tag)", run_id),
         ("base model", f"{base} @ {revision_hint}"),
         ("base model fingerprint", entry.get("base_model_fingerprint")),
+        ("base model in training", QUANTIZED_BASE.get(params.model.quantization, params.model.quantization)),
         ("dataset", f"{data} (split {params.data.split})"),
         ("git commit", f"{entry.get('git_commit') or 'unknown'}" + (" + uncommitted changes"
                                                                     if entry.get("git_dirty") else "")),
@@ -271,6 +277,9 @@ def build_model_card(params: Params, entry: Mapping[str, Any], metrics: Mapping[
         "",
         f"A LoRA adapter for `{base}`, trained with GRPO (TRL) on `{data}` by the grpo-qwen-vl pipeline.",
         "Answers are requested as `<reasoning>…</reasoning><answer>…</answer>`.",
+        *([f"The base was quantized while training ({QUANTIZED_BASE[params.model.quantization]}, QLoRA); "
+           "the adapter applies to the unquantized base, as evaluated here."]
+          if params.model.quantization != "none" else []),
         "",
         "## Use",
         "",

@@ -35,9 +35,10 @@ class PrecisionMismatch(RuntimeError):
 
 
 def engine_options(precision: str) -> dict:
-    """Options of the colocated `vllm.LLM` (compat.add_vllm_engine_options) for `precision`."""
-    method = QUANTIZATION[precision]
-    return {"quantization": method} if method else {}
+    """Options of the colocated `vllm.LLM` (compat.add_vllm_engine_options) for `precision`. Always
+    explicit: TRL 1.16 asks vLLM for `bitsandbytes` when the trainer's base is 4-bit, while this
+    project keeps vLLM on the unquantized checkpoint and sends it the adapter (model.quantization)."""
+    return {"quantization": QUANTIZATION[precision]}
 
 
 def check_engine(llm: Any, precision: str) -> None:
@@ -117,15 +118,24 @@ class ReloadingSync:
 
     def __call__(self) -> None:
         import torch
-        from vllm.config import set_current_vllm_config
 
-        generation, llm = self.generation, self.generation.llm
+        generation = self.generation
         if generation.enable_sleep_mode:  # as TRL's own sync: map the weights' memory back first
             torch.cuda.empty_cache()
-            llm.wake_up(tags=["weights"])
+            generation.llm.wake_up(tags=["weights"])
             generation._llm_weights_sleeping = False
-        runner = llm.llm_engine.model_executor.driver_worker.model_runner
-        with set_current_vllm_config(llm.llm_engine.vllm_config), torch.device(runner.device):
-            runner.reload_weights(weights_iterator=self.weights())
-        llm.reset_prefix_cache()
-        llm.llm_engine.reset_encoder_cache()
+        reload_weights(generation.llm, self.weights())
+
+
+def reload_weights(llm: Any, weights) -> None:
+    """Load (checkpoint name, tensor) pairs into a colocated `vllm.LLM` through its layer-wise
+    reload (each layer processed, e.g. quantized, once complete), then drop the caches that hold
+    what the old weights computed."""
+    import torch
+    from vllm.config import set_current_vllm_config
+
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner
+    with set_current_vllm_config(llm.llm_engine.vllm_config), torch.device(runner.device):
+        runner.reload_weights(weights_iterator=weights)
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()

@@ -216,7 +216,9 @@ def train(params: Params) -> Path:
     compat.apply("processor", on_gpu=gpu, processor=processor)
     started = time.perf_counter()
     model = modeling.load_model(params.model.name_or_path, params.model.revision, params.model.dtype,
-                                params.model.attn_implementation)
+                                params.model.attn_implementation, params.model.quantization)
+    if params.model.quantization != "none":
+        model = modeling.prepare_for_kbit_training(model, params.train.gradient_checkpointing)
     logger.info("model loaded in %.1f s", time.perf_counter() - started)
     dataset = load_dataset("parquet", data_files=str(train_file), split="train")
 

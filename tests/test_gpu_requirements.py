@@ -29,6 +29,8 @@ BASE_PROVIDES = frozenset({"torch", "vllm", "triton"})
 PARAM_NEEDS: dict[str, dict[object, set[str]]] = {
     "train.use_liger_kernel": {True: {"liger-kernel"}, False: set()},
     "train.use_vllm": {True: {"vllm"}, False: set()},
+    "model.quantization": {"none": set(), "4bit": {"bitsandbytes"}},
+    "train.rollout_precision": {"bf16": set(), "fp8": {"vllm"}},
     "model.attn_implementation": {"sdpa": set(), "eager": set(), "flash_attention_2": {"flash-attn"}},
     "evaluate.backend": {"auto": set(), "transformers": set(), "vllm": {"vllm"}},
     "tracking.wandb_mode": {"auto": {"wandb"}, "online": {"wandb"}, "offline": {"wandb"}, "disabled": set()},
@@ -207,6 +209,22 @@ def test_every_package_the_pipeline_imports_is_installed_by_the_gpu_image():
         if not dists & available:
             problems.append(f"{module} ({', '.join(sorted(dists))}), imported by {', '.join(sorted(files))}")
     assert not problems, "not installed by requirements/gpu.txt: " + "; ".join(problems)
+
+
+def test_the_bitsandbytes_wheel_carries_the_libraries_of_both_gpu_bases():
+    """model.quantization: 4bit on MI300X and NVIDIA: the pinned wheel (installed here too) must hold a
+    native library for the ROCm release of the ROCm base and the CUDA release of the NVIDIA base
+    (docker/versions.env states both); bitsandbytes picks one at import from torch's build."""
+    import bitsandbytes
+
+    assert "bitsandbytes" in gpu_requirements()
+    versions = (REPO / "docker" / "versions.env").read_text()
+    rocm = re.search(r"ROCm (\d+)\.(\d+)", versions)
+    cuda = re.search(r"default CUDA (\d+)\.(\d+)", versions)
+    assert rocm and cuda, "docker/versions.env no longer states the bases' ROCm and CUDA releases"
+    folder = Path(bitsandbytes.__file__).parent
+    for library in (f"libbitsandbytes_rocm{rocm[1]}{rocm[2]}.so", f"libbitsandbytes_cuda{cuda[1]}{cuda[2]}.so"):
+        assert (folder / library).is_file(), f"{library} is not in bitsandbytes {bitsandbytes.__version__}"
 
 
 # ---------------------------------------------------------------- the check itself -------------

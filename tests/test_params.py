@@ -114,6 +114,7 @@ MALFORMED = [
     ("train.rollout_overlap", 2, "train.rollout_overlap", "0 or 1"),
     ("train.rollout_timeout", 0, "train.rollout_timeout", "greater than 0"),
     ("train.rollout_precision", "fp4", "train.rollout_precision", "'bf16' or 'fp8'"),
+    ("model.quantization", "8bit", "model.quantization", "'none' or '4bit'"),
     # `train:` takes any field of TRL's GRPOConfig, checked by name and simple type without importing TRL
     ("train.top_kk", 5, "train.top_kk", "unknown key"),
     ("train.top_k", "5", "train.top_k", "GRPOConfig declares it int"),
@@ -161,6 +162,17 @@ def test_overlapped_rollouts_accept_the_default_schedule_spelled_out(key, value)
     """The values the overlap needs, written out (8 x 2 completions per step): not refused."""
     raw = _set(_set(SHIPPED, "train.vllm_mode", "server"), "train.rollout_overlap", 1)
     assert getattr(parse_params(_set(raw, f"train.{key}", value)).train, key) == value
+
+
+def test_a_quantized_base_needs_the_adapter_only_sync():
+    raw = _set(SHIPPED, "model.quantization", "4bit")
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)  # the shipped merged sync
+    message = str(error.value)
+    assert ": train.vllm_weight_sync: model.quantization: 4bit " in message and "trl#3466" in message, message
+    adapter = _set(_set(raw, "train.vllm_weight_sync", "adapter"), "train.vllm_enable_sleep_mode", False)
+    assert parse_params(adapter).model.quantization == "4bit"
+    assert parse_params(_set(raw, "train.use_vllm", False)).model.quantization == "4bit"  # transformers rollouts
 
 
 FP8_REFUSED = [  # (train key, value, what the message says): fp8 samples from another policy than the trained one

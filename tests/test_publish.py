@@ -139,6 +139,15 @@ def test_model_card_has_metadata_provenance_and_no_token(monkeypatch):
     assert FAKE_TOKEN not in text and "hf_" not in text
 
 
+def test_the_model_card_says_when_the_base_was_quantized_in_training():
+    plain = str(pub.build_model_card(_card_params(), {}, METRICS))
+    assert "| base model in training | unquantized (the checkpoint's dtype) |" in plain and "QLoRA" not in plain
+    qlora = str(pub.build_model_card(_card_params(model__quantization="4bit", train__vllm_weight_sync="adapter",
+                                                  train__vllm_enable_sleep_mode=False), {}, METRICS))
+    assert "| base model in training | 4-bit NF4, double quantization (bitsandbytes) |" in qlora
+    assert "The base was quantized while training" in qlora and "quantization: 4bit" in qlora
+
+
 def test_model_card_keeps_local_paths_out_of_hub_metadata():
     params = parse_params(demo_params("card2"))  # embedded default: local model and dataset folders
     card = pub.build_model_card(params, {"image_tag": None}, METRICS)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_each_precision_maps_to_one_vllm_option_for_the_engine_and_the_server():
-    assert rollout_precision.engine_options("bf16") == {}
+    assert rollout_precision.engine_options("bf16") == {"quantization": None}  # never TRL's bitsandbytes
     assert rollout_precision.server_arguments("bf16") == []
     assert rollout_precision.engine_options("fp8") == {"quantization": "fp8_per_tensor"}
     assert rollout_precision.server_arguments("fp8") == ["--quantization", "fp8_per_tensor"]
