@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, NamedTuple, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
@@ -123,6 +123,8 @@ class SourceParams(_Section):
     source: str = Field(min_length=1)
     config: str | None = None
     split: str = Field(min_length=1)
+    # a Hub dataset's branch, tag or commit: a commit pins its rows (a local source is hashed by DVC)
+    revision: str = Field(default="main", min_length=1)
     format: SourceFormat = "auto"
     columns: ColumnMap = Field(default_factory=ColumnMap)
 
@@ -352,6 +354,25 @@ class LoraParams(_Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
 
 
+class SuiteEntry(_Section):
+    """One benchmark of `evaluate.suite` with a local copy (in the dataset's own schema, under data/)
+    or another Hub revision than the one the project pins."""
+
+    name: str
+    source: str | None = None
+    revision: str | None = None
+
+
+def _known_benchmark(entry: str | SuiteEntry) -> str | SuiteEntry:
+    from pipeline.benchmarks import registry  # pure Python: no torch, safe before validation ends
+
+    name = entry if isinstance(entry, str) else entry.name
+    known = registry()
+    if name not in known:
+        raise ValueError(f"unknown benchmark {name!r} (shipped: {', '.join(sorted(known))})")
+    return entry
+
+
 class EvaluateParams(_Section):
     max_new_tokens: PositiveInt = 512
     temperature: Annotated[float, Field(ge=0.0)] = 0.0
@@ -359,6 +380,17 @@ class EvaluateParams(_Section):
     max_rows: PositiveInt | None = None
     # auto: vLLM (one engine, the adapter as a LoRARequest) when installed, else transformers generate
     backend: Literal["auto", "vllm", "transformers"] = "auto"
+    # benchmarks scored by their own rules besides the run's eval split (pipeline/benchmarks/);
+    # each a name, or {name, source (a local copy), revision}
+    suite: list[Annotated[str | SuiteEntry, AfterValidator(_known_benchmark)]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _each_benchmark_once(self) -> EvaluateParams:
+        names = [entry if isinstance(entry, str) else entry.name for entry in self.suite]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"suite names {', '.join(repeated)} more than once")
+        return self
 
 
 class TrackingParams(_Section):

@@ -31,15 +31,16 @@ class Source:
     split: str
     format: str
     columns: ColumnMap
+    revision: str = "main"  # Hub sources only
 
 
 
 def sources_of(data: DataParams) -> list[Source]:
     if data.eval_source is None:
-        return [Source("all", data.source, data.config, data.split, data.format, data.columns)]
+        return [Source("all", data.source, data.config, data.split, data.format, data.columns, data.revision)]
     other = data.eval_source
-    return [Source("train", data.source, data.config, data.split, data.format, data.columns),
-            Source("eval", other.source, other.config, other.split, other.format, other.columns)]
+    return [Source("train", data.source, data.config, data.split, data.format, data.columns, data.revision),
+            Source("eval", other.source, other.config, other.split, other.format, other.columns, other.revision)]
 
 
 
@@ -63,8 +64,9 @@ def reading(source: Source) -> dict[str, str | None]:
     rows never had)."""
     kind = source_format(source)
     if kind != "hub" and Path(source.name).is_file():
-        return {"format": kind, "config": None, "split": None}
-    return {"format": kind, "config": source.config, "split": source.split}
+        return {"format": kind, "config": None, "split": None, "revision": None}
+    return {"format": kind, "config": source.config, "split": source.split,
+            "revision": source.revision if kind == "hub" else None}
 
 
 def describe(source: Source) -> str:
@@ -94,7 +96,7 @@ def load_source(source: Source, cache_dir: str):
     local_cache = {"cache_dir": cache_dir}
     try:
         if kind == "hub":
-            return load_dataset(source.name, source.config, split=source.split)
+            return load_dataset(source.name, source.config, split=source.split, revision=source.revision)
         if path.is_file():
             return load_dataset(kind, data_files=str(path), split="train", **local_cache)
         if not path.is_dir():

@@ -359,7 +359,7 @@ def test_json_and_image_folder_sources_through_a_column_map(tmp_path):
     assert report["dropped"] == {"unparseable_precision": 1} and report["rows_kept"] == 23
     # a single file is its own one split: data.split ("train" here) played no part in reading it
     assert report["sources"] == {"all": {"source": str(tmp_path / "rows.jsonl"), "format": "json", "config": None,
-                                         "split": None, "rows": 24}}
+                                         "split": None, "revision": None, "rows": 24}}
     row = load_split(tmp_path / "json", "train")[0]
     assert len(row["id"]) == 16 and row["answer_type"] == "integer" and row["skills"] == "geometry, count"
 
@@ -385,8 +385,8 @@ def test_json_and_image_folder_sources_through_a_column_map(tmp_path):
 def test_missing_columns_and_sources_fail_clearly(fixture_source, tmp_path):
     with pytest.raises(prep.PrepareError, match=r"column\(s\) not found: question → 'prompt_text'"):
         prep.prepare(make_params(fixture_source, **{"data.columns.question": "prompt_text"}), tmp_path / "a")
-    with pytest.raises(prep.PrepareError, match=r"'AI4Math/NoSuchDataset-xyz' \(format hub, split 'testmini'\) "
-                                                 "cannot be loaded here"):
+    with pytest.raises(prep.PrepareError, match=r"'AI4Math/NoSuchDataset-xyz' \(format hub, split 'testmini', "
+                                                 r"revision 'main'\) cannot be loaded here"):
         prep.prepare(make_params("AI4Math/NoSuchDataset-xyz", **{"data.split": "testmini"}), tmp_path / "b")
     with pytest.raises(ParamsError, match="data.columns.questoin: unknown key"):
         make_params(fixture_source, **{"data.columns.questoin": "q"})
