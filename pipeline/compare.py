@@ -66,6 +66,12 @@ def flat_params(data: dict) -> dict[str, Any]:
     return out
 
 
+def suite_columns(runs: list[dict]) -> list[tuple[str, Any, str]]:
+    """The adapter's accuracy on each `evaluate.suite` benchmark any of the runs scored."""
+    names = sorted({name for data in runs for name in (metric(data, Reports.evaluation, "suite") or {})})
+    return [(f"{name} acc", Reports.evaluation, f"suite.{name}.adapter.accuracy") for name in names]
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "—"
@@ -92,8 +98,9 @@ def table(shown: list[dict], workspace_is_one_run: bool = True) -> str:
     params = [flat_params(data) for _, data in runs]
     varying = sorted(key for key in set().union(*params) if key != "run_id"
                      and len({json.dumps(p.get(key), sort_keys=True) for p in params}) > 1)
-    header = ["run", *(title for title, _, _ in COLUMNS), "params that differ"]
-    body = [[name, *(_cell(metric(data, path, key)) for _, path, key in COLUMNS),
+    columns = (*COLUMNS, *suite_columns([data for _, data in runs]))
+    header = ["run", *(title for title, _, _ in columns), "params that differ"]
+    body = [[name, *(_cell(metric(data, path, key)) for _, path, key in columns),
              ", ".join(f"{key}={_cell(p.get(key))}" for key in varying) or "—"]
             for (name, data), p in zip(runs, params, strict=True)]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]

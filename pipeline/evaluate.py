@@ -17,11 +17,13 @@ from pathlib import Path
 
 from pipeline import logs
 from pipeline.answer_format import extract_answer, is_soft, is_strict
+from pipeline.benchmarks import suite
 from pipeline.params import Params, Reports, load_params_or_exit
 from pipeline.scoring import is_correct
 
 logger = logging.getLogger("pipeline.evaluate")
 MODELS = ("base", "adapter")
+EVAL_SET = "eval"  # the run's own eval split, beside the suite's benchmarks
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -113,23 +115,52 @@ def evaluate(params: Params) -> dict:
     if len(dataset) == 0:
         raise SystemExit(f"evaluate: error: the eval split {eval_file} is empty")
     rows = [{k: v for k, v in row.items() if k != "image"} for row in dataset]
-    images = dataset["image"]
-    conversations = [row["prompt"] for row in rows]
+    sets = {EVAL_SET: ([row["prompt"] for row in rows], dataset["image"])}
+    benchmarks = suite.entries(params.evaluate.suite)
+    suite_rows = {}
+    for entry in benchmarks:
+        name = entry.benchmark.name
+        suite_rows[name], conversations, images = suite.load_prepared(params.output_dir / "data", name,
+                                                                      params.evaluate.max_rows)
+        sets[name] = (conversations, images)
 
-    backend, generations = generate_both(params, conversations, images, adapter_dir)
+    backend, generated = generate_sets(params, sets, adapter_dir)
+    generations = generated[EVAL_SET]
     scored = {name: score_rows(rows, [g.text for g in generations[name]]) for name in MODELS}
     summaries = {name: {**summarise(scored[name], generations[name]), "by": breakdown(rows, scored[name])}
                  for name in MODELS}
     metrics = build_metrics(summaries)
-    _write_predictions(params.output_dir / "eval" / "predictions.jsonl", rows, generations, scored, backend)
+    eval_dir = params.output_dir / "eval"
+    _write_predictions(eval_dir / "predictions.jsonl", rows, generations, scored, backend)
     for name in MODELS:
         output = mathvista_output(rows, generations[name], scored[name])
-        (params.output_dir / "eval" / f"mathvista_output_{name}.json").write_text(json.dumps(output, indent=1) + "\n")
+        (eval_dir / f"mathvista_output_{name}.json").write_text(json.dumps(output, indent=1) + "\n")
+    if benchmarks:
+        metrics["suite"] = {
+            entry.benchmark.name: score_suite_benchmark(entry.benchmark, suite_rows[entry.benchmark.name],
+                                                        generated[entry.benchmark.name], eval_dir)
+            for entry in benchmarks}
     return metrics
 
 
-def generate_both(params: Params, conversations, images, adapter_dir: Path) -> tuple[str, dict[str, list]]:
-    """Base and adapter answers from one backend (never one from each, so the two are comparable).
+def score_suite_benchmark(benchmark, rows: list[dict], generations: dict[str, list], eval_dir: Path) -> dict:
+    """One suite benchmark's metrics (base, adapter, delta) by its own scorer; writes its official output."""
+    summaries = {}
+    for name in MODELS:
+        texts = [g.text for g in generations[name]]
+        verdicts = suite.score_benchmark(benchmark, rows, texts)
+        summaries[name] = suite.benchmark_summary(benchmark, rows, verdicts)
+        suite.write_official_output(benchmark, eval_dir, name, rows, texts, verdicts)
+    summaries["delta"] = {"accuracy": round(summaries["adapter"]["accuracy"] - summaries["base"]["accuracy"], 4)}
+    logger.info("%s: accuracy base %.3f → adapter %.3f (%d rows)", benchmark.name, summaries["base"]["accuracy"],
+                summaries["adapter"]["accuracy"], summaries["base"]["rows"])
+    return summaries
+
+
+def generate_sets(params: Params, sets: dict[str, tuple], adapter_dir: Path) -> tuple[str, dict[str, dict]]:
+    """Base and adapter answers for every set (the eval split, each suite benchmark) from one backend
+    and, with vLLM, one engine (never one backend for some answers and another for the rest, so
+    they are comparable).
 
     `evaluate.backend: auto` uses vLLM when it is installed and falls back to transformers, saying
     why, when vLLM cannot start or cannot load the adapter; `vllm` makes either of those an error."""
@@ -146,10 +177,14 @@ def generate_both(params: Params, conversations, images, adapter_dir: Path) -> t
         revision=model.revision, dtype=model.dtype, attn_implementation=model.attn_implementation,
         max_model_len=model.max_model_len, seed=params.seed, max_new_tokens=evaluation.max_new_tokens,
         temperature=evaluation.temperature, batch_size=evaluation.batch_size)
-    requests = {name: serving.Request(adapter, f"eval {name}", lambda: (conversations, images))
-                for name, adapter in (("base", None), ("adapter", adapter_dir))}
-    names = {id(request): name for name, request in requests.items()}
-    generations, backends = {}, set()
+    requests = {}
+    for set_name, inputs in sets.items():
+        label = "eval" if set_name == EVAL_SET else set_name
+        for name, adapter in (("base", None), ("adapter", adapter_dir)):
+            requests[(set_name, name)] = serving.Request(adapter, f"{label} {name}", lambda inputs=inputs: inputs)
+    keys = {id(request): key for key, request in requests.items()}
+    generations: dict[str, dict] = {set_name: {} for set_name in sets}
+    backends = set()
     for served in serving.serve(model.name_or_path, list(requests.values()), settings, backend=backend,
                                    strict=requested == "vllm", together=True):
         if isinstance(served.error, generation.BackendUnavailable):
@@ -157,7 +192,8 @@ def generate_both(params: Params, conversations, images, adapter_dir: Path) -> t
                              "set it to auto or transformers to use transformers generate)")
         if served.error is not None:
             raise served.error
-        generations[names[id(served.request)]] = served.generations
+        set_name, name = keys[id(served.request)]
+        generations[set_name][name] = served.generations
         backends.add(served.backend)
     return backends.pop(), generations
 

@@ -33,6 +33,9 @@ def local_inputs(params: Params) -> list[tuple[str, str]]:
     candidates = [("data.source", params.data.source), ("model.name_or_path", params.model.name_or_path)]
     if params.data.eval_source is not None:
         candidates.append(("data.eval_source.source", params.data.eval_source.source))
+    suite = params.evaluate.suite
+    candidates += [(f"evaluate.suite[{index}].source", entry.source) for index, entry in enumerate(suite)
+                   if not isinstance(entry, str) and entry.source is not None]
     return [(key, value) for key, value in candidates if os.path.lexists(value)]
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import lineage, logs
+from pipeline.benchmarks.suite import SuiteError, prepare_suite
 from pipeline.images import BadImage, ImageRules, clean_image
 from pipeline.params import Params, Reports, load_params_or_exit
 from pipeline.prepare_errors import BadRow, PrepareError
@@ -285,7 +286,9 @@ def prepare(params: Params, out_dir: Path) -> dict:
         check_disjoint(candidates)
         hashes = {f"{split}.parquet": write_split(_select_split(list(processed), candidates, split),
                                                   out_dir / f"{split}.parquet") for split in ("train", "eval")}
-    return build_report(sources, rows_read, candidates, ledger, counter, budget, params, hashes)
+        suite = prepare_suite(params.evaluate.suite, image_rules(params), out_dir, work_dir)
+    report = build_report(sources, rows_read, candidates, ledger, counter, budget, params, hashes)
+    return {**report, "suite": suite} if suite else report
 
 
 def _check_usable(candidates: list[Candidate], ledger: Ledger, sources: list[Source]) -> None:
@@ -305,7 +308,7 @@ def main() -> None:
     out_dir = params.output_dir / "data"
     try:
         report = prepare(params, out_dir)
-    except PrepareError as error:
+    except (PrepareError, SuiteError) as error:
         raise SystemExit(f"prepare: error: {error}") from None
     Reports.data.parent.mkdir(parents=True, exist_ok=True)
     Reports.data.write_text(json.dumps(report, indent=2) + "\n")
