@@ -28,15 +28,20 @@ from pipeline.params import EXIT_BAD_PARAMS, Params
 INPUT_DIRS = (Path("data"), Path("models"), Path("assets/embedded"))
 
 
+def named_inputs(params: Params) -> list[tuple[str, str]]:
+    """(params key, value) of every input that may be a local path: the data sources, the base
+    model and the evaluation suite's local copies."""
+    named = [("data.source", params.data.source), ("model.name_or_path", params.model.name_or_path)]
+    if params.data.eval_source is not None:
+        named.append(("data.eval_source.source", params.data.eval_source.source))
+    named += [(f"evaluate.suite[{index}].source", entry.source) for index, entry in enumerate(params.evaluate.suite)
+              if not isinstance(entry, str) and entry.source is not None]
+    return named
+
+
 def local_inputs(params: Params) -> list[tuple[str, str]]:
     """(params key, path) of every input that is a local path rather than a Hub id."""
-    candidates = [("data.source", params.data.source), ("model.name_or_path", params.model.name_or_path)]
-    if params.data.eval_source is not None:
-        candidates.append(("data.eval_source.source", params.data.eval_source.source))
-    suite = params.evaluate.suite
-    candidates += [(f"evaluate.suite[{index}].source", entry.source) for index, entry in enumerate(suite)
-                   if not isinstance(entry, str) and entry.source is not None]
-    return [(key, value) for key, value in candidates if os.path.lexists(value)]
+    return [(key, value) for key, value in named_inputs(params) if os.path.lexists(value)]
 
 
 def _symlinked_folder(path: Path) -> Path | None:
@@ -56,13 +61,10 @@ def missing_local_inputs(params: Params) -> list[str]:
     """A source or model named under data/ or models/ that is not there. A path that does not exist
     reads as a Hub id, so it would pass every check and fail only in the prepare stage, after the
     run started: the usual cause is a file copied somewhere else, or a preset's example path."""
-    named = [("data.source", params.data.source), ("model.name_or_path", params.model.name_or_path)]
-    if params.data.eval_source is not None:
-        named.append(("data.eval_source.source", params.data.eval_source.source))
     homes = INPUT_DIRS[:2]
     return [f"{key}: {value!r} does not exist: put the file or folder there, or point {key} at where it is "
             f"(local inputs live under {homes[0]}/ or {homes[1]}/: docs/your_own_data.md)"
-            for key, value in named if Path(value).parts[:1] in [home.parts for home in homes]
+            for key, value in named_inputs(params) if Path(value).parts[:1] in [home.parts for home in homes]
             and not os.path.lexists(value)]
 
 

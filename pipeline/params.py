@@ -384,13 +384,14 @@ class EvaluateParams(_Section):
     # each a name, or {name, source (a local copy), revision}
     suite: list[Annotated[str | SuiteEntry, AfterValidator(_known_benchmark)]] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _each_benchmark_once(self) -> EvaluateParams:
-        names = [entry if isinstance(entry, str) else entry.name for entry in self.suite]
+    @field_validator("suite")
+    @classmethod
+    def _each_benchmark_once(cls, suite: list) -> list:
+        names = [entry if isinstance(entry, str) else entry.name for entry in suite]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
-            raise ValueError(f"suite names {', '.join(repeated)} more than once")
-        return self
+            raise ValueError(f"names {', '.join(repeated)} more than once")
+        return suite
 
 
 class TrackingParams(_Section):

@@ -41,3 +41,29 @@ def test_the_experiment_name_must_be_the_run_id():
     assert experiment_name_problem(params, {}) is None
     assert experiment_name_problem(params, {"DVC_EXP_NAME": params.run_id}) is None
     assert "named 'other'" in experiment_name_problem(params, {"DVC_EXP_NAME": "other"})
+
+
+def test_a_suite_benchmarks_local_copy_is_an_input_like_any_other(tmp_path):
+    """`evaluate.suite` entries with a local `source` are hashed by DVC only under data/ or models/,
+    and one named under data/ that is not there is reported before a run starts."""
+    from pipeline.lineage import missing_local_inputs
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mv.parquet").write_bytes(b"x")
+    (tmp_path / "mv.parquet").write_bytes(b"x")
+
+    def params(source: str):
+        raw = apply_overrides(yaml.safe_load(shipped_params_text()),
+                              {"evaluate.suite": [{"name": "mathvista-testmini", "source": source}]})
+        return parse_params(raw)
+
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        assert uncovered_inputs(params("data/mv.parquet"), Path(".")) == []
+        outside = uncovered_inputs(params("mv.parquet"), Path("."))
+        missing = missing_local_inputs(params("data/absent.parquet"))
+    finally:
+        os.chdir(cwd)
+    assert outside[0].startswith("evaluate.suite[0].source: 'mv.parquet' is a local path outside data/"), outside
+    assert missing[0].startswith("evaluate.suite[0].source: 'data/absent.parquet' does not exist"), missing
