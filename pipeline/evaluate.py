@@ -14,10 +14,11 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline import logs
 from pipeline.answer_format import extract_answer, is_soft, is_strict
-from pipeline.benchmarks import suite
+from pipeline.benchmarks import Benchmark, suite
 from pipeline.params import Params, Reports, load_params_or_exit
 from pipeline.scoring import is_correct
 
@@ -149,12 +150,42 @@ def score_suite_benchmark(benchmark, rows: list[dict], generations: dict[str, li
     for name in MODELS:
         texts = [g.text for g in generations[name]]
         verdicts = suite.score_benchmark(benchmark, rows, texts)
-        summaries[name] = suite.benchmark_summary(benchmark, rows, verdicts)
+        summaries[name] = benchmark_summary(benchmark, rows, verdicts)
         suite.write_official_output(benchmark, eval_dir, name, rows, texts, verdicts)
     summaries["delta"] = {"accuracy": round(summaries["adapter"]["accuracy"] - summaries["base"]["accuracy"], 4)}
     logger.info("%s: accuracy base %.3f → adapter %.3f (%d rows)", benchmark.name, summaries["base"]["accuracy"],
                 summaries["adapter"]["accuracy"], summaries["base"]["rows"])
     return summaries
+
+
+def _group_value(row: dict, column: str) -> Any:
+    """A breakdown column; `a.b` reads field b of a struct (MathVerse's and MathVista's metadata)."""
+    value: Any = row
+    for part in column.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def benchmark_summary(benchmark: Benchmark, rows: Sequence[dict], verdicts: Sequence[bool]) -> dict:
+    n, correct = len(verdicts), sum(verdicts)
+    summary: dict[str, Any] = {"rows": n, "accuracy": round(correct / n, 4) if n else 0.0,
+                               "accuracy_ci95": list(wilson_interval(correct, n))}
+    by: dict[str, dict[str, list[bool]]] = {}
+    for row, verdict in zip(rows, verdicts, strict=True):
+        for column in benchmark.breakdown:
+            value = _group_value(row, column)
+            if value is None or value == "":
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                by.setdefault(column, {}).setdefault(str(item), []).append(verdict)
+    if by:
+        summary["by"] = {column: {value: {"rows": len(hits), "accuracy": round(sum(hits) / len(hits), 4),
+                                          "accuracy_ci95": list(wilson_interval(sum(hits), len(hits)))}
+                                  for value, hits in sorted(values.items())}
+                         for column, values in by.items()}
+    if benchmark.composite is not None:
+        summary["composite"] = benchmark.composite(rows, verdicts)
+    return summary
 
 
 def generate_sets(params: Params, sets: dict[str, tuple], adapter_dir: Path) -> tuple[str, dict[str, dict]]:

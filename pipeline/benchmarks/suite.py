@@ -156,38 +156,6 @@ def score_benchmark(benchmark: Benchmark, rows: Sequence[dict], texts: Sequence[
     return [bool(benchmark.score(text, row)) for row, text in zip(rows, texts, strict=True)]
 
 
-def _group_value(row: dict, column: str) -> Any:
-    """A breakdown column; `a.b` reads field b of a struct (MathVerse's and MathVista's metadata)."""
-    value: Any = row
-    for part in column.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def benchmark_summary(benchmark: Benchmark, rows: Sequence[dict], verdicts: Sequence[bool]) -> dict:
-    from pipeline.evaluate import wilson_interval
-
-    n, correct = len(verdicts), sum(verdicts)
-    summary: dict[str, Any] = {"rows": n, "accuracy": round(correct / n, 4) if n else 0.0,
-                               "accuracy_ci95": list(wilson_interval(correct, n))}
-    by: dict[str, dict[str, list[bool]]] = {}
-    for row, verdict in zip(rows, verdicts, strict=True):
-        for column in benchmark.breakdown:
-            value = _group_value(row, column)
-            if value is None or value == "":
-                continue
-            for item in value if isinstance(value, list) else [value]:
-                by.setdefault(column, {}).setdefault(str(item), []).append(verdict)
-    if by:
-        summary["by"] = {column: {value: {"rows": len(hits), "accuracy": round(sum(hits) / len(hits), 4),
-                                          "accuracy_ci95": list(wilson_interval(sum(hits), len(hits)))}
-                                  for value, hits in sorted(values.items())}
-                         for column, values in by.items()}
-    if benchmark.composite is not None:
-        summary["composite"] = benchmark.composite(rows, verdicts)
-    return summary
-
-
 def write_official_output(benchmark: Benchmark, eval_dir: Path, model: str, rows, texts, verdicts) -> Path | None:
     if benchmark.official_output is None:
         return None
