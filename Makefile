@@ -67,7 +67,7 @@ PIPELINE_TARGETS := train repro evaluate publish sweep infer bench bench-gpu
 $(PIPELINE_TARGETS):
 	+@$(RUN_SH) $@
 
-.PHONY: help setup check embedded demo train repro evaluate compare test lint vllm-serve bench bench-demo bench-overlap bench-gpu infer image shell image-train image-repro \
+.PHONY: help setup check embedded demo train repro evaluate compare test test-docs lint vllm-serve bench bench-demo bench-overlap bench-gpu infer image shell image-train image-repro \
         publish sweep _train _repro _evaluate _publish _sweep _bench _bench-gpu _infer
 
 help:  ## list the targets
@@ -170,7 +170,10 @@ vllm-serve:  ## vLLM server for train.vllm_mode=server on GPUs of its own: make 
 # make demo, a trained adapter, a vLLM server) are one xdist_group each and run on one worker.
 TEST_WORKERS ?= 2
 test: setup  ## the test suite (CPU, no network) [TEST_WORKERS=2]
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not docs"
+
+test-docs: setup  ## every command of README.md and docs/inference_guide.md, run as written (about 12 min)
+	$(PYTHON) -m pytest -m docs tests/test_readme_commands.py
 
 lint: setup  ## ruff
 	$(PYTHON) -m ruff check pipeline tests scripts

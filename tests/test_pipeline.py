@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import clone_repo, git_env
 
-# one pytest-xdist worker: test_readme_commands.py restores this module's demo from the shared DVC cache
+# one pytest-xdist worker: test_readme_commands.py restores this module's demo from the shared DVC
+# cache (and runs README's sweep: two colocated vLLM train stages at once in DVC's queue)
 pytestmark = pytest.mark.xdist_group("clone")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -325,22 +326,6 @@ def test_local_data_is_content_hashed(clone, fast_preset):
     raw = subprocess.run(["dvc", "exp", "run", "-n", "other", "-S", "data.max_rows=100", "prepare"], cwd=clone,
                          env=_env(), capture_output=True, text=True)
     assert raw.returncode != 0 and "named 'other' but run_id is 'mine'" in raw.stdout + raw.stderr
-
-
-def test_a_sweep_runs_in_dvcs_queue_each_point_its_own_run(clone):
-    """Two queue workers at once, each a colocated vLLM train stage on this machine: each run takes a
-    port of its own (two at once collided on 29500 before), and each point is a run of its own."""
-    swept = _experiments(clone, "--run-id", "lr", "--preset", "demo", "--set", "train.max_steps=2",
-                         "--grid", "train.learning_rate=1e-3,1e-2", "--jobs", "2", "train")
-    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
-    adapters = {name: yaml.safe_load(_exp_file(clone, name, "dvc.lock"))["stages"]["train"]["outs"][0]["md5"]
-                for name in ("lr-1", "lr-2")}
-    assert adapters["lr-1"] != adapters["lr-2"]
-    params = yaml.safe_load(_exp_file(clone, "lr-2", "params.yaml"))
-    assert params["run_id"] == "lr-2" and params["train"]["learning_rate"] == 0.01
-    rows = {line.split()[0]: line for line in
-            _run([sys.executable, "-m", "pipeline.compare"], clone).stdout.splitlines()[2:]}
-    assert {"lr-1", "lr-2"} <= set(rows)
 
 
 def test_a_run_shared_through_a_dvc_remote_answers_in_another_clone(clone, demo_run, tmp_path):
