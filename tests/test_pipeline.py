@@ -11,8 +11,9 @@ import pytest
 import yaml
 from conftest import clone_repo, git_env
 
-# one pytest-xdist worker: test_readme_commands.py restores this module's demo from the shared DVC
-# cache (and runs README's sweep: two colocated vLLM train stages at once in DVC's queue)
+# one pytest-xdist worker, with test_readme_commands.py when a session runs both (it restores this
+# module's demo from the shared DVC cache); README's sweep there, two colocated vLLM train stages at
+# once in DVC's queue, is what covers the per-run port (make test-docs, not make test)
 pytestmark = pytest.mark.xdist_group("clone")
 
 REPO = Path(__file__).resolve().parents[1]

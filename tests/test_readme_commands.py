@@ -9,9 +9,13 @@ test suite. A ```text block is printed output: its `$ command` lines name the co
 follows (a block without one shows the output of the command run last before it); every line it
 shows must be a line that command really printed, its figures within FIGURE_TOLERANCE.
 
-The module is one pytest-xdist group with tests/test_pipeline.py: both clones share one DVC cache
-on one worker, and this file sorts after it, so `make demo` here restores the demo that
-test_pipeline.py trained from DVC's run cache instead of training it again.
+`make test-docs` runs this module alone (`make test` leaves out the `docs` mark); it then trains
+its own demo. In a session that runs tests/test_pipeline.py too (pytest without `-m "not docs"`),
+the two are one pytest-xdist group: both clones share one DVC cache on one worker, and this file
+sorts after it, so `make demo` here restores most of the demo test_pipeline.py trained from DVC's
+run cache. Its publish stage is restored too and then registers nothing in this clone's
+outputs/registry.json (a product bug, reported): such a session fails test_the_runs_the_readme_makes
+and the guide's `--run_id all` check until publish registers a restored run.
 """
 
 from __future__ import annotations
@@ -203,7 +207,10 @@ def test_the_runs_the_readme_makes(clone, outputs):
     machine, each on a port of its own), and `dvc exp apply` that drops no registered run."""
     assert "train.max_steps=12" in outputs["make compare"]
     registry = json.loads((clone / "outputs" / "registry.json").read_text())["runs"]
-    assert {"demo", "short", "v2"} <= set(registry)
+    restored = "Stage 'publish' is cached" in outputs["make demo"]
+    assert {"demo", "short", "v2"} <= set(registry), (
+        sorted(registry), "make demo restored its publish stage from DVC's run cache (a DVC cache shared with "
+        "another clone), so publish never ran and nothing registered 'demo'" if restored else "")
     assert yaml.safe_load((clone / "params.yaml").read_text())["run_id"] == "demo"  # applied last
     assert (clone / "dvc_plots" / "index.html").is_file()
 
