@@ -490,6 +490,19 @@ def logp_check(result: dict, limit: float) -> dict:
     return {"logp_diff_max": worst, "logp_ok": bool(values) and worst <= limit}
 
 
+def suite_entries(folder: Path, run_dir: Path) -> list[dict]:
+    """Copy the suite files under the run's data/ (where params require local sources) → evaluate.suite."""
+    import shutil
+
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise SystemExit(f"bench: no <benchmark>.parquet in {folder} (bench/suite_files.py writes them)")
+    (run_dir / "data" / "suite").mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copy(path, run_dir / "data" / "suite" / path.name)
+    return [{"name": path.stem, "source": f"data/suite/{path.name}"} for path in files]
+
+
 def run_evaluations(run_dir: Path, params: dict, rows: int, backends: list[str]) -> list[dict]:
     """The evaluate stage on a trained run (base and adapter, `rows` eval rows), once per backend:
     vLLM (one engine, the adapter as a LoRARequest) against batched transformers generate."""
@@ -512,11 +525,12 @@ def run_evaluations(run_dir: Path, params: dict, rows: int, backends: list[str])
         text = (run_dir / f"evaluate-{backend}.log").read_text()
         passes = [{"model": m[0], "rows": int(m[1]), "tokens": int(m[2]), "seconds": float(m[3]),
                    "tokens_s": round(int(m[2]) / float(m[3]))}
-                  for m in re.findall(r"(\w+) \[\w+\]: (\d+) rows, (\d+) tokens in ([\d.]+) s", text)]
+                  for m in re.findall(r"([\w.-]+ \w+) \[\w+\]: (\d+) rows, (\d+) tokens in ([\d.]+) s", text)]
+        suite = {name: {"rows": m.get("base", {}).get("rows")} for name, m in metrics.get("suite", {}).items()}
         engine = re.search(r"vLLM engine for .* ready in ([\d.]+) s", text)
         results.append({"backend": backend, "exit_code": result.returncode, "wall_s": round(wall, 1),
                         "rows": rows, "tokens": round(tokens), "tokens_per_s_wall": round(tokens / wall),
-                        "engine_start_s": float(engine[1]) if engine else None, "passes": passes,
+                        "engine_start_s": float(engine[1]) if engine else None, "passes": passes, "suite": suite,
                         "peak_gpu_gib": round(memory.peak_mib / 1024, 1)})
         print(json.dumps({"evaluate": results[-1]}), flush=True)
     return results
@@ -577,6 +591,9 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=0, metavar="N",
                         help="evaluate on a separate set of N MathVista-schema rows of mixed image sizes "
                              "(data.eval_source; 1000 = testmini's size) instead of a share of the training rows")
+    parser.add_argument("--suite", type=Path, default=None, metavar="DIR",
+                        help="with --evaluate: every <benchmark>.parquet in DIR (bench/suite_files.py writes them) "
+                             "becomes an evaluate.suite entry of the last config, timed with it")
     parser.add_argument("--mixed-sizes", action="store_true", help="images of different sizes (MathVista's are)")
     parser.add_argument("--max-logp-difference", type=float, default=MAX_LOGP_DIFFERENCE,
                         help="fail (exit 1) when any step's sampling_logp_difference/mean is above this")
@@ -599,6 +616,8 @@ def main() -> None:
     for name, gpus in runs:
         label = name if gpus == 1 else f"{name}-{gpus}gpu"  # a run id: letters, digits, '.', '_', '-'
         params = params_for(f"{args.shape}-{label}", CONFIGS[name], model_dir, data_dir, args.steps, eval_dir)
+        if args.suite and (name, gpus) == runs[-1]:
+            params["evaluate"]["suite"] = suite_entries(args.suite, args.work / args.shape / label)
         result = run(label, params, args.work / args.shape, args.warmup, gpus, model_dir)
         result.update(phase_floors(result, floors, model, params, gpus))
         result.update(logp_check(result, args.max_logp_difference))
