@@ -303,8 +303,9 @@ class TrainParams(_Section):
     @model_validator(mode="after")
     def _overlap_needs_the_server(self) -> TrainParams:
         """The overlapped rollout is started for the batch the Trainer will hand over next, which
-        holds only with one generation batch per optimizer step on one process: anything else sends
-        the peeked batch to waste (it is generated again) or trains on another schedule."""
+        holds only with one generation batch per optimizer step: anything else sends the peeked batch
+        to waste (it is generated again) or trains on another schedule. Each training process sends
+        its own batch, which must hold whole groups of a prompt's num_generations completions."""
         if not self.rollout_overlap:
             return self
 
@@ -317,17 +318,20 @@ class TrainParams(_Section):
         if self.vllm_mode != "server":
             raise refuse("vllm_mode", "overlaps the rollouts of a vLLM server with training: set "
                                       "train.vllm_mode: server (make vllm-serve)")
-        if self.num_processes not in (1, "auto"):
-            raise refuse("num_processes", "runs with one training process: set train.num_processes: 1 (or auto "
-                                          "with one visible training GPU)")
         extra = self.model_extra or {}
         step_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps  # one process
+        if step_batch % self.num_generations:
+            raise refuse("per_device_train_batch_size", f"sends each training process's own batch to the server: "
+                         f"per_device_train_batch_size x gradient_accumulation_steps = {step_batch} must hold whole "
+                         f"groups of num_generations = {self.num_generations}")
+        # auto: one process per GPU, known only at launch, where rollouts.attach checks TRL's schedule again
+        processes = self.num_processes if isinstance(self.num_processes, int) else 1
         one_batch_per_step = {
             "num_iterations": (1, "leave num_iterations at 1"),
             "steps_per_generation": (self.gradient_accumulation_steps,
                                      "leave steps_per_generation unset (it is gradient_accumulation_steps)"),
-            "generation_batch_size": (step_batch, "leave generation_batch_size unset (it is per_device_train_"
-                                                  f"batch_size x gradient_accumulation_steps = {step_batch})"),
+            "generation_batch_size": (step_batch * processes, "leave generation_batch_size unset (it is "
+                                      "per_device_train_batch_size x gradient_accumulation_steps x num_processes)"),
         }
         for key, (expected, fix) in one_batch_per_step.items():
             if extra.get(key) is not None and extra[key] != expected:

@@ -22,6 +22,13 @@ the step and here fetches one more. Nothing is in flight at the first step, afte
 batch that was in flight at a crash is generated again) or at an epoch's first step: those steps
 generate synchronously.
 
+With several training processes (DDP), each process sends its own prompts to the server over HTTP
+and receives its own completions (`local_generate`), on its own background thread: TRL's server
+path gathers every process's prompts to the main process instead, a collective that cannot run
+beside the training thread's. The server must be idle while the main process pushes weights and
+must not generate with half-pushed ones, so every process waits for its own rollout and then for
+the others before TRL's weight push, and again after it (`_synced_weights`).
+
 `rollout_overlap: 0` keeps TRL's synchronous schedule, with the same guard: a server that stops
 answering is a `RolloutServerError` naming it, after `train.rollout_timeout` seconds at most (with
 one training process; with several, TRL gathers every process's prompts inside the rollout, so it
@@ -107,6 +114,51 @@ class ServerRollouts:
         self.generation.generate = self.generate
         if overlap:
             trainer.get_batch_samples = self.get_batch_samples
+            if trainer.accelerator.num_processes > 1:  # every process talks to the server itself
+                self.client = self._own_client()
+                logger.info("training process %d of %d sends its own rollout requests to %s",
+                            trainer.accelerator.process_index, trainer.accelerator.num_processes, self.url)
+                self._generate = self.local_generate
+                self._sync_weights = self.generation.sync_weights
+                self.generation.sync_weights = self._synced_weights
+
+    def _own_client(self):
+        """The main process's client (it also pushes the weights); an HTTP-only one elsewhere."""
+        if self.trainer.accelerator.is_main_process:
+            return self.generation.vllm_client
+        from trl.generation.vllm_client import VLLMClient
+
+        return VLLMClient(base_url=self.url, connection_timeout=self.generation.server_timeout)
+
+    def local_generate(self, prompts, images, num_generations):
+        """TRL 1.16's server-mode `generate` for this process's prompts alone (TRL has no per-process
+        form: it gathers all prompts to the main process). Same request, same result layout: each
+        prompt's `num_generations` copies are consecutive in the batch, so each is sent once with n."""
+        generation = self.generation
+        unique = prompts[::num_generations]
+        if [ids for ids in unique for _ in range(num_generations)] != list(prompts):
+            raise RolloutServerError("this process's generation batch does not hold whole groups of num_generations "
+                                     "copies of a prompt, which per-process rollouts need (train.rollout_overlap)")
+        features = None
+        if images is not None and any(image is not None for image in images):
+            features = [generation._place_features(found, ids) for found, ids in
+                        zip(self.client.image_features(images[::num_generations]), unique, strict=True)]
+        output = self.client.generate(
+            prompts=unique, features=features, n=num_generations, repetition_penalty=generation.repetition_penalty,
+            temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k,
+            min_p=0.0 if generation.min_p is None else generation.min_p,
+            max_tokens=generation.max_completion_length, logprobs=generation.logprobs,
+            structured_outputs_regex=generation.structured_outputs_regex,
+            generation_kwargs=generation.generation_kwargs)
+        prompt_ids = [ids for ids in output["prompt_ids"] for _ in range(num_generations)]
+        return prompt_ids, output["completion_ids"], output["logprobs"], output.get("logprob_token_ids")
+
+    def _synced_weights(self):
+        """TRL's weight push with every process's rollout finished before it and none started until it ends."""
+        accelerator = self.trainer.accelerator
+        accelerator.wait_for_everyone()
+        self._sync_weights()
+        accelerator.wait_for_everyone()
 
     # -- the next generation batch -----------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -171,7 +223,7 @@ class ServerRollouts:
             except BaseException as error:  # handed to the training thread, which raises it
                 rollout.future.set_exception(error)
 
-        if self.trainer.accelerator.num_processes > 1:
+        if self.trainer.accelerator.num_processes > 1 and not self.overlap:
             run()  # TRL gathers the prompts of every process here: collectives stay on the training thread
         else:  # a daemon thread: a hung server cannot keep the process from exiting
             threading.Thread(target=run, name=f"rollout-{step}", daemon=True).start()
@@ -220,8 +272,10 @@ def attach(trainer: Any, *, overlap: int, timeout: float) -> ServerRollouts | No
     """Guard (and with `overlap` 1, overlap) a built GRPOTrainer's server-mode rollouts."""
     if not (trainer.use_vllm and trainer.vllm_generation.mode == "server"):
         return None
-    if overlap and trainer.accelerator.num_processes > 1:
-        raise RolloutServerError(
-            "train.rollout_overlap: 1 runs with one training process (the server serves the others' "
-            f"GPUs); this run has {trainer.accelerator.num_processes}. Set train.num_processes: 1")
+    args = trainer.args
+    if overlap and (args.steps_per_generation != args.gradient_accumulation_steps or args.num_iterations != 1):
+        raise RolloutServerError(  # params check this for a known process count; `auto` is resolved only here
+            f"train.generation_batch_size: train.rollout_overlap: 1 needs one generation batch per optimizer step on "
+            f"{trainer.accelerator.num_processes} processes; TRL schedules one per {args.steps_per_generation} "
+            f"micro-steps ({args.gradient_accumulation_steps} per step): leave generation_batch_size unset")
     return ServerRollouts(trainer, overlap=overlap, timeout=timeout)

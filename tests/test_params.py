@@ -136,7 +136,7 @@ OVERLAP_REFUSED = [
     # step not the one that step trains on, or runs the overlap where it cannot
     ("use_vllm", False, "train.use_vllm: true"),
     ("vllm_mode", "colocate", "train.vllm_mode: server"),
-    ("num_processes", 2, "one training process"),
+    ("per_device_train_batch_size", 3, "whole groups"),  # 3 x 2 per process: no whole group of 8
     ("num_iterations", 2, "num_iterations at 1"),
     ("steps_per_generation", 4, "steps_per_generation unset"),  # one generation batch per two steps
     ("steps_per_generation", 1, "steps_per_generation unset"),  # two generation batches per step
@@ -154,6 +154,17 @@ def test_overlapped_rollouts_refuse_what_they_cannot_schedule(key, value, reason
         parse_params(_set(raw, f"train.{key}", value))
     message = str(error.value)
     assert f": train.{key}: train.rollout_overlap: 1 " in message and reason in message, message
+
+
+def test_overlapped_rollouts_run_with_several_processes_sending_whole_groups():
+    raw = _set(_set(_set(SHIPPED, "train.vllm_mode", "server"), "train.rollout_overlap", 1), "train.num_processes", 2)
+    assert parse_params(raw).train.num_processes == 2
+    assert parse_params(_set(raw, "train.generation_batch_size", 32)).train.generation_batch_size == 32  # 16 x 2
+    for key, value, named in [("generation_batch_size", 16, "generation_batch_size"),
+                              ("per_device_train_batch_size", 2, "per_device_train_batch_size")]:  # 2 x 2 < 8
+        with pytest.raises(ParamsError) as error:
+            parse_params(_set(raw, f"train.{key}", value))
+        assert f": train.{named}: train.rollout_overlap: 1 " in str(error.value), str(error.value)
 
 
 @pytest.mark.parametrize(("key", "value"), [("generation_batch_size", 16), ("steps_per_generation", 2),

@@ -107,6 +107,26 @@ def test_overlapped_rollouts_are_one_step_stale_corrected_and_resume_after_kill(
     assert (ws.root / "outputs" / "over" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_two_training_processes_overlap_each_with_its_own_requests(workspace, server):
+    """DDP (2 gloo processes) with overlap: each process sends its own prompts to the one server from
+    its own thread (no gather), every step after the first trains on a rollout one step stale, and
+    all rollouts finish before the weights move and none starts until they have."""
+    ws = workspace("over2", train__vllm_server_port=server.port, train__rollout_overlap=1, train__num_processes=2,
+                   **{**FAST, "train__per_device_train_batch_size": 8, "train__learning_rate": 3e-3})
+    result = ws.run("pipeline.train", timeout=900)
+    assert "launching 2 processes" in result.stderr
+    assert result.stderr.count("sends its own rollout requests") == 2  # one line per process
+    steps = _history(ws, "over2")
+    # TRL's gather on the rollout thread would hang or fail here: a collective beside the training thread's
+    assert [entry["rollout/staleness"] for entry in steps] == [0, 1, 1, 1]
+    assert not any("rollout/regenerated" in entry for entry in steps), "a rollout answered other prompts"
+    for entry in steps:
+        assert entry["sampling/importance_sampling_ratio/mean"] > 0.0 and entry["rollout/seconds"] > 0.0
+    # the first step is synchronous: the server's weights are the trainer's (~5e-5); later ones one step stale
+    assert steps[0]["sampling/sampling_logp_difference/mean"] < 1e-3
+    assert (ws.root / "outputs" / "over2" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_trls_server_client_cannot_push_weights_from_a_cpu(server):
     """compat's "server-mode weights through a file on CPU" is needed while this holds."""
     from trl.generation.vllm_client import VLLMClient
