@@ -95,7 +95,7 @@ def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: l
     }
     # … and what the machine decides: vLLM where it is installed, sleep mode on GPUs only
     machine = {"use_vllm": use_vllm, "vllm_enable_sleep_mode": train.vllm_enable_sleep_mode and gpu, "bf16": gpu}
-    return GRPOConfig(
+    config = GRPOConfig(
         **(chosen | train.grpo_kwargs() | machine),
         output_dir=str(run_dirs(params)["checkpoints"]),
         run_name=params.run_id,
@@ -105,6 +105,11 @@ def build_grpo_config(params: Params, *, gpu: bool, use_vllm: bool, report_to: l
         report_to=report_to,
         generation_kwargs=generation_kwargs or None,
     )
+    # With bf16 off, transformers takes the precision from ACCELERATE_MIXED_PRECISION, which `accelerate
+    # launch` sets from its config file (bf16 in configs/accelerate/): a CPU run launched that way would
+    # train under bf16 autocast while the same run relaunched by the stage trains in fp32
+    config.mixed_precision = "bf16" if gpu else "no"
+    return config
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:

@@ -30,9 +30,10 @@ def _adapter_tensors(path: Path) -> dict:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-def test_grpo_config_states_our_values_explicitly():
+def test_grpo_config_states_our_values_explicitly(monkeypatch):
     from pipeline.train import build_grpo_config
 
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` with our configs sets
     params = parse_params(demo_params("cfg"))
     config = build_grpo_config(params, gpu=False, use_vllm=True, report_to=[], reward_weights=[0.5, 0.5, 0.5, 2.0],
                                vision_token_ids=[7, 8])
@@ -46,7 +47,7 @@ def test_grpo_config_states_our_values_explicitly():
     assert config.reward_weights == [0.5, 0.5, 0.5, 2.0]
     assert config.save_steps == train.save_steps and config.save_total_limit == train.save_total_limit
     assert config.output_dir == "outputs/cfg/checkpoints" and config.run_name == "cfg"
-    assert not config.bf16  # fp32 on CPU
+    assert not config.bf16 and config.mixed_precision == "no"  # fp32 on CPU, however it was launched
     assert config.vllm_mode == "colocate" and not config.vllm_enable_sleep_mode  # no sleep mode on CPU
     assert config.generation_kwargs["logit_bias"] == {7: -100.0, 8: -100.0}
     assert config.vllm_gpu_memory_utilization == train.vllm_gpu_memory_utilization
@@ -372,6 +373,23 @@ def test_two_processes_through_accelerate(workspace):
     split = bench_gpu.startup_split(result.stderr)
     assert split["model_load_s"] > 0 and split["trainer_ready_s"] >= split["model_load_s"]
 
+    import torch
+
+    # docs/training.md's multi-node recipe, launched for real: two machine ranks of one process each on
+    # this host (MAIN_ADDR=127.0.0.1, gloo): the adapter is the one node's 2-process run's, bit for bit
+    nodes = workspace("nodes", train__use_vllm=False, train__max_steps=2, train__num_processes=2,
+                      train__per_device_train_batch_size=8, train__log_completions=False)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    ranks = [subprocess.Popen(["bash", "-c", command], cwd=nodes.root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for command in _multinode_commands(machines=2, processes_per_machine=1)]
+    outputs = [rank.communicate(timeout=900)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    a, b = _adapter_tensors(adapter), _adapter_tensors(nodes.root / "outputs" / "nodes" / "adapter")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
 
 def test_a_reward_that_raises_is_named_and_nothing_is_saved(workspace):
     ws = workspace("boom", train__use_vllm=False, train__max_steps=2,
@@ -447,6 +465,28 @@ def test_training_processes_refuse_what_trl_cannot_run(setting, gpus, message):
 
     with pytest.raises(SystemExit, match=message):
         training_processes(parse_params(demo_params("np", train__num_processes=setting)), gpus)
+
+
+def _multinode_commands(machines: int, processes_per_machine: int) -> list[str]:
+    """docs/training.md's recipe, one shell command per machine rank, for this host: node 0 at
+    127.0.0.1 on a free port, the process count for `machines` × `processes_per_machine`, the repo's
+    accelerate config, and on a machine without GPUs accelerate's CPU mode (gloo)."""
+    import re
+    import socket
+
+    import torch
+
+    doc = (REPO / "docs" / "training.md").read_text()
+    block = re.search(r"<!-- multinode-recipe -->\n```bash\n(.*?)```\n<!-- /multinode-recipe -->", doc, re.S).group(1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    block = (block.replace("--num_processes 16", f"--num_processes {machines * processes_per_machine}")
+             .replace("--main_process_port 29500", f"--main_process_port {port}")
+             .replace("configs/accelerate/", f"{REPO}/configs/accelerate/")
+             .replace("accelerate launch", f"{sys.executable} -m accelerate.commands.launch"))
+    cpu = "" if torch.cuda.is_available() else "export ACCELERATE_USE_CPU=true\n"
+    return [f"{cpu}NODE_RANK={rank} MAIN_ADDR=127.0.0.1\n{block}" for rank in range(machines)]
 
 
 def test_the_documented_multinode_recipe_parses_and_agrees_with_the_stage():
