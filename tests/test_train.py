@@ -534,3 +534,38 @@ def test_trls_per_tensor_weight_load_fails_on_vllm_cpu(workspace):
     result = _run_with(ws, _without("_full_weight_reload_on_cpu"))
     assert result.returncode != 0
     assert "weight_loader" in result.stderr, result.stderr[-3000:]
+
+
+def test_weights_reach_lora_wrapped_layers_of_vllm_0_24(monkeypatch):
+    """vLLM 0.24 (the GPU pin) loads a LoRA-enabled engine's weights only under the wrapped layers'
+    names; the renaming follows the engine's own parameter names (these are a LoRA-enabled
+    Qwen2.5-VL engine's) and its packing of shards. vLLM 0.31 takes the names as they are."""
+    from types import SimpleNamespace
+
+    import vllm
+
+    from pipeline.adapter_sync import under_lora_wrappers
+
+    names = ["language_model.model.layers.0.self_attn.qkv_proj.base_layer.weight",
+             "language_model.model.layers.0.self_attn.qkv_proj.base_layer.bias",
+             "language_model.model.layers.0.mlp.gate_up_proj.base_layer.weight",
+             "language_model.model.layers.0.input_layernorm.weight", "visual.blocks.0.attn.qkv.weight"]
+    model = SimpleNamespace(named_parameters=lambda: [(name, None) for name in names],
+                            packed_modules_mapping={"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                                    "gate_up_proj": ["gate_proj", "up_proj"]})
+    runner = SimpleNamespace(get_model=lambda: model)
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(model_executor=SimpleNamespace(
+        driver_worker=SimpleNamespace(model_runner=runner))))
+    trainer = ["model.language_model.layers.0.self_attn.k_proj.weight",
+               "model.language_model.layers.0.self_attn.q_proj.bias",
+               "model.language_model.layers.0.mlp.up_proj.weight", "model.language_model.layers.0.mlp.down_proj.weight",
+               "model.language_model.layers.0.input_layernorm.weight", "model.visual.blocks.0.attn.qkv.weight"]
+    monkeypatch.setattr(vllm, "__version__", "0.24.0")
+    assert [name for name, _ in under_lora_wrappers(llm, [(n, None) for n in trainer])] == [
+        "model.language_model.layers.0.self_attn.k_proj.base_layer.weight",
+        "model.language_model.layers.0.self_attn.q_proj.base_layer.bias",
+        "model.language_model.layers.0.mlp.up_proj.base_layer.weight",
+        "model.language_model.layers.0.mlp.down_proj.weight",  # not wrapped in this engine
+        "model.language_model.layers.0.input_layernorm.weight", "model.visual.blocks.0.attn.qkv.weight"]
+    monkeypatch.setattr(vllm, "__version__", "0.31.0")
+    assert [name for name, _ in under_lora_wrappers(llm, [(n, None) for n in trainer])] == trainer
