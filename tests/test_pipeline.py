@@ -30,8 +30,16 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory, shared_dvc_cache) -> Path:
-    return clone_repo(tmp_path_factory.mktemp("clone") / "repo", shared_dvc_cache)
+def clone(tmp_path_factory, shared_dvc_cache, embedded_root) -> Path:
+    """A fresh clone whose `embedded` stage is recorded as done with the session's build (the same
+    code built it: its BUILD.json names the source digest), so the clone's runs skip its warm-up
+    training. The README test (tests/test_readme_commands.py) builds it through DVC from nothing."""
+    import shutil
+
+    clone = clone_repo(tmp_path_factory.mktemp("clone") / "repo", shared_dvc_cache)
+    shutil.copytree(embedded_root, clone / "assets" / "embedded")
+    subprocess.run(["dvc", "commit", "--force", "embedded"], cwd=clone, env=_env(), check=True, capture_output=True)
+    return clone
 
 
 def _experiments(clone: Path, *args: str) -> subprocess.CompletedProcess:
