@@ -124,37 +124,6 @@ def trainer_base_weights(model: Any):
             yield name, param.detach()
 
 
-LORA_AWARE_RELOAD = (0, 31)  # the first vLLM release known to reload a LoRA-enabled engine by plain names
-
-
-def under_lora_wrappers(llm: Any, weights):
-    """(name, tensor) pairs with `.base_layer` inserted where vLLM's LoRA-enabled engine wrapped the
-    layer the weight belongs to (`qkv_proj.base_layer.weight`). vLLM 0.24's Qwen2 loader (the GPU pin)
-    looks parameters up by name and fails on a wrapped layer's plain name (KeyError
-    'layers.0.self_attn.qkv_proj.weight'); vLLM 0.31 (the CPU pin) strips the wrapper from the names
-    in its `reload_weights` and refuses the wrapped spelling. Releases between the two are untested:
-    the renaming applies below 0.31. No upstream issue names it (the reload became LoRA-aware in a
-    later release). A wrapped layer is recognised by its last four name parts (`layers.0.self_attn.
-    qkv_proj`), after the engine's packing of shards (`q_proj` into `qkv_proj`)."""
-    import vllm
-    from packaging.version import Version
-
-    if Version(vllm.__version__).release[:2] >= LORA_AWARE_RELOAD:
-        yield from weights
-        return
-    model = llm.llm_engine.model_executor.driver_worker.model_runner.get_model()
-    wrapped = {".".join(name.split(".base_layer.")[0].split(".")[-4:])
-               for name, _ in model.named_parameters() if ".base_layer." in name}
-    packed = {shard: fused for fused, shards in (getattr(model, "packed_modules_mapping", None) or {}).items()
-              for shard in shards}
-    for name, tensor in weights:
-        module, _, leaf = name.rpartition(".")
-        *head, last = module.split(".")
-        if ".".join([*head, packed.get(last, last)][-4:]) in wrapped:
-            name = f"{module}.base_layer.{leaf}"
-        yield name, tensor
-
-
 def _jsonable(value: Any) -> Any:
     """What json cannot write in a peft config: sets of module names, enums."""
     if isinstance(value, (set, frozenset)):
@@ -327,7 +296,7 @@ def attach(trainer: Any) -> AdapterSync | None:
         if getattr(trainer.model, "is_loaded_in_4bit", False):  # model.quantization: 4bit
             from pipeline.rollout_precision import reload_weights
 
-            reload_weights(sync.llm, under_lora_wrappers(sync.llm, trainer_base_weights(trainer.model)))
+            reload_weights(sync.llm, trainer_base_weights(trainer.model))
             logger.info("vLLM's base weights: the trainer's 4-bit base, dequantized")
         check(probe(sync, trainer.model, trainer.processing_class, seed=trainer.args.seed), engine_targets(sync.llm))
     except Exception:

@@ -544,7 +544,7 @@ def test_weights_reach_lora_wrapped_layers_of_vllm_0_24(monkeypatch):
 
     import vllm
 
-    from pipeline.adapter_sync import under_lora_wrappers
+    from pipeline.rollout_precision import under_lora_wrappers
 
     names = ["language_model.model.layers.0.self_attn.qkv_proj.base_layer.weight",
              "language_model.model.layers.0.self_attn.qkv_proj.base_layer.bias",
