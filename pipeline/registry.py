@@ -4,7 +4,7 @@ Why a plain file and not a service: diffable and readable without any tool. It l
 (`publish.registry_file`, git-ignored), so it belongs to the working copy, not to one experiment:
 it grows with every run published here, and `dvc exp apply` of one run drops no other. Each run's
 own entry also travels with its experiment, as the publish stage's cached output
-(outputs/<run_id>/publish.json), which is where `pipeline.infer_runs` finds a run published in
+(outputs/<run_id>/publish.json), which is where `pipeline.infer.runs` finds a run published in
 another working copy or in DVC's queue. Its two hazards are handled here:
 
 - concurrent writers (two runs publishing at once, a retry racing a stage) serialise on a lock

@@ -25,7 +25,10 @@ import pytest
 import yaml
 from conftest import REPO, Workspace, demo_params
 
-from pipeline import infer, infer_images, infer_runs, registry
+from pipeline import registry
+from pipeline.infer import cli
+from pipeline.infer import images as infer_images
+from pipeline.infer import runs as infer_runs
 from pipeline.params import parse_params
 
 # one pytest-xdist worker runs this module's tests: they share its expensive module fixtures
@@ -120,7 +123,7 @@ def test_all_runs_batched_with_failures_reported_per_item(in_ws, monkeypatch, ca
         calls.append((kw["desc"], len(images))) or real_generate(model, processor, conversations, images, **kw)))
     monkeypatch.setattr(modeling, "load_model", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
 
-    code = infer.main(["--run_id", "all,base,nope", "--image_path", "images_in,images_in/missing.png",
+    code = cli.main(["--run_id", "all,base,nope", "--image_path", "images_in,images_in/missing.png",
                        "--prompt", PROMPT, "--max_new_tokens", "12", "--persist_result_local",
                        "--params", "params_gone.yaml"])
     out, err = capsys.readouterr()
@@ -146,7 +149,7 @@ def test_all_runs_batched_with_failures_reported_per_item(in_ws, monkeypatch, ca
     assert "| v2 | images_in/b.png |" in page and "## Problems" in page
 
     # the adapter swap (load the next, delete the previous) gives what loading v2 alone gives
-    assert infer.main(["--run_id", "v2", "--image_path", "images_in", "--prompt", PROMPT, "--max_new_tokens", "12",
+    assert cli.main(["--run_id", "v2", "--image_path", "images_in", "--prompt", PROMPT, "--max_new_tokens", "12",
                        "--persist_result_local"]) == 0
     assert [r["response"] for r in _records(in_ws)] == by_run["v2"]
 
@@ -161,13 +164,13 @@ def test_the_question_is_asked_as_the_run_was_trained(in_ws, monkeypatch):
     real_generate = generation.generate_batched
     monkeypatch.setattr(generation, "generate_batched", lambda model, processor, conversations, images, **kw: (
         sent.append((kw["desc"], conversations[0])) or real_generate(model, processor, conversations, images, **kw)))
-    assert infer.main(["--run_id", "demo", "--image_path", "images_in/a.png", "--prompt", PROMPT,
+    assert cli.main(["--run_id", "demo", "--image_path", "images_in/a.png", "--prompt", PROMPT,
                        "--answer_type", "integer", "--max_new_tokens", "4", "--persist_result_local"]) == 0
     (desc, conversation), = sent
     assert conversation[0] == {"role": "system", "content": SYSTEM_PROMPT}
     assert conversation[1]["content"] == f"{PROMPT}\nGive an integer."
     assert _records(in_ws)[0]["user_text"] == f"{PROMPT}\nGive an integer."
-    assert infer.main(["--run_id", "demo", "--image_path", "images_in/a.png", "--prompt", "Which bar?",
+    assert cli.main(["--run_id", "demo", "--image_path", "images_in/a.png", "--prompt", "Which bar?",
                        "--choices", "red, blue", "--system_prompt", "Be brief.", "--max_new_tokens", "4"]) == 0
     assert sent[-1][1] == [{"role": "system", "content": "Be brief."},
                            {"role": "user", "content": "Which bar?\nChoices:\n(A) red\n(B) blue\n"
@@ -197,11 +200,11 @@ def test_vllm_backend_serves_base_and_adapters_from_one_engine(in_ws, caplog, re
     caplog.set_level(logging.INFO)
     common = ["--run_id", "demo,v2,base", "--image_path", "images_in", "--prompt", PROMPT, "--max_new_tokens", "12",
               "--persist_result_local"]
-    assert infer.main([*common, "--backend", "transformers"]) == 0
+    assert cli.main([*common, "--backend", "transformers"]) == 0
     reference = {(r["run_id"], r["image"]): r for r in _records(in_ws)}
     assert {r["backend"] for r in reference.values()} == {"transformers"}
 
-    assert infer.main([*common, "--backend", "vllm"]) == 0
+    assert cli.main([*common, "--backend", "vllm"]) == 0
     records = _records(in_ws)
     assert caplog.text.count("vLLM engine for") == 1 and "LoRA rank up to 8" in caplog.text
     assert all(f"infer {run} [vllm]: 3 rows" in caplog.text for run in ("demo", "v2", "base"))  # one call per run
@@ -301,7 +304,7 @@ def test_wandb_table_is_run_by_image_by_response(in_ws, monkeypatch):
                                  Settings=lambda **kw: kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    code = infer.main(["--run_id", "demo,base", "--image_path", "images_in/a.png,images_in/b.png", "--prompt", PROMPT,
+    code = cli.main(["--run_id", "demo,base", "--image_path", "images_in/a.png,images_in/b.png", "--prompt", PROMPT,
                        "--max_new_tokens", "6", "--enable_wandb"])
     assert code == 0
     table = logged["inference"]
@@ -345,7 +348,7 @@ def test_inference_guide_examples_run(ws, tmp_path, monkeypatch, capsys):
                 exec(compile(step, str(GUIDE), "exec"), {"__name__": "guide"})  # noqa: S102 - our own doc
                 continue
             argv = shlex.split(step.replace("https://example.com", url))[3:]
-            assert infer.main(argv) == 0, (step, capsys.readouterr().err[-2000:])
+            assert cli.main(argv) == 0, (step, capsys.readouterr().err[-2000:])
     out = capsys.readouterr().out
     assert "[demo] images/1.png" in out and "[base] images/3.png" in out
     assert len(list((root / "outputs" / "inference").glob("*.jsonl"))) == 2

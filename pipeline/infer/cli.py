@@ -34,9 +34,9 @@ from typing import Any
 from pipeline import answer_format, logs, prompts
 from pipeline.generation import BACKENDS, BackendUnavailable, select_backend
 from pipeline.images import ImageRules, prepare_image
-from pipeline.infer_images import MAX_IMAGE_BYTES, URL_TIMEOUT_S, ImageSource, collect_images
-from pipeline.infer_output import RESULTS_ROOT, Result, log_to_wandb, persist, print_results
-from pipeline.infer_runs import RunTarget, resolve_runs
+from pipeline.infer.images import MAX_IMAGE_BYTES, URL_TIMEOUT_S, ImageSource, collect_images
+from pipeline.infer.output import RESULTS_ROOT, Result, log_to_wandb, persist, print_results
+from pipeline.infer.runs import RunTarget, resolve_runs
 from pipeline.params import PARAMS_FILE, Params, load_params_or_exit
 
 logger = logging.getLogger("pipeline.infer")
@@ -264,7 +264,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{answered} response(s) from {len(runnable)} run(s) × {len(usable)} image(s); "
           f"{len(failures)} problem(s)", file=sys.stderr)
     return 1 if failures or not answered else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.infer_images import ImageSource
+from pipeline.infer.images import ImageSource
 from pipeline.params import OUTPUT_ROOT, Params
 
 RESULTS_ROOT = OUTPUT_ROOT / "inference"

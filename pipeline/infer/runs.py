@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.answer_format import SYSTEM_PROMPT
 from pipeline.images import ImageRules
-from pipeline.infer_images import split_list
+from pipeline.infer.images import split_list
 from pipeline.params import OUTPUT_ROOT, Params
 
 BASE = "base"

@@ -1,0 +1,3 @@
+from pipeline.infer.cli import main
+
+raise SystemExit(main())
