@@ -126,6 +126,10 @@ CONFIGS = {
     "B-qlora-32b": {**TUNED, "train.vllm_weight_sync": "adapter", "model.quantization": "4bit",
                     "train.vllm_gpu_memory_utilization": 0.55, "train.gradient_checkpointing": True,
                     "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 8},
+    # the same on an 80 GB card: vLLM's copy in fp8 (33 GB, quantized while it loads) in a 0.5 pool
+    "B-qlora-32b-fp8": {**TUNED, "train.vllm_weight_sync": "adapter", "model.quantization": "4bit",
+                        "train.vllm_gpu_memory_utilization": 0.5, "train.gradient_checkpointing": True,
+                        "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 8, **FP8},
     "B-overlap-fp8": {**TUNED, "train.vllm_mode": "server", "train.rollout_overlap": 1, **FP8},
 }
 SERVER_PORT = 8000
